@@ -1,0 +1,1 @@
+"""Command-line apps: `tttkd-prep` (extraction) and `tttkd` (training, adaptation, benchmarks)."""

@@ -1,0 +1,66 @@
+"""`tttkd bench ...`: performance measurements any user can run on their own machine.
+
+Each prints a table and writes a JSON result; GPU figures go to README's Performance section
+with the card, the sizes and the date.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .options import DeviceOpt, ScaleOpt, TeacherOpt, WeightsOpt, fail
+
+app = typer.Typer(help="Benchmarks: print a table and write a JSON result.", no_args_is_help=True)
+console = Console()
+
+
+@app.command("extract")
+def extract(
+    root: Annotated[Optional[Path], typer.Option(help="ScanNet-layout dataset (default: generate embedded scenes)")] = None,
+    scenes: Annotated[int, typer.Option(help="scenes extracted end to end")] = 2,
+    model: TeacherOpt = "efficientnet_lite0",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = None,
+    batch_size: Annotated[int, typer.Option(help="images per teacher batch")] = 16,
+    image_scale: ScaleOpt = 0.25,
+    repeats: Annotated[int, typer.Option(help="timed repeats of the model-only batch")] = 10,
+    out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-extract.json"),
+):
+    """Teacher-only and end-to-end extraction throughput (images/s), in one run."""
+    from tttkd.pipeline.bench import bench_extract, default_bench_config
+    from tttkd.pipeline.job import default_device
+    from tttkd.pipeline.synth import generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if root is None:
+            root = Path(tmp) / "synth"
+            ids = generate(root, domain="a", scenes=scenes, seed=0)
+        else:
+            ids = sorted(p.name for p in (root / "scans").iterdir())[:scenes] if (root / "scans").is_dir() else []
+            if not ids:
+                fail(f"{root}: no scans/ folder with scenes")
+        config = default_bench_config(root, model, weights=weights, batch_size=batch_size, image_scale=image_scale)
+        try:
+            result = bench_extract(config, scene_ids=ids, device=device or default_device(), repeats=repeats)
+        except (OSError, ValueError, RuntimeError) as e:
+            fail(str(e))
+    table = Table(title=f"tttkd bench extract: {result['teacher']} on {result['device']} ({result['dtype']})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("image size (H, W)", str(tuple(result["image_size"])))
+    table.add_row("batch", str(result["batch_size"]))
+    table.add_row("model only: ms / batch", f"{result['model_ms_per_batch']:.1f}")
+    table.add_row("model only: images / s", f"{result['model_images_per_s']:.1f}")
+    table.add_row("end to end: images / s", f"{result['end_to_end_images_per_s']:.1f}")
+    table.add_row("end to end: s / scene", f"{result['end_to_end_s_per_scene']:.2f}")
+    table.add_row("scenes, images, points", f"{result['end_to_end_scenes']}, {result['end_to_end_images']}, {result['end_to_end_points']}")
+    console.print(table)
+    out.write_text(json.dumps(result, indent=1))
+    console.print(f"wrote {out}")

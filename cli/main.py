@@ -1,0 +1,13 @@
+"""`tttkd`: training, adaptation and benchmarks on a feature cache."""
+
+from __future__ import annotations
+
+import typer
+
+from .bench import app as bench_app
+from .demo import demo
+
+app = typer.Typer(help="TTT-KD: train, adapt and benchmark 3D segmentation from a feature cache.",
+                  no_args_is_help=True, add_completion=False)
+app.add_typer(bench_app, name="bench")
+app.command()(demo)

@@ -1,0 +1,106 @@
+"""`tttkd-prep`: build the feature cache (synth, extract, info)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .options import DeviceOpt, ScaleOpt, TeacherOpt, WeightsOpt, fail
+
+app = typer.Typer(help="Build TTT-KD feature caches: 2D teacher features projected onto 3D points.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="dataset root to write (ScanNet layout)")],
+    domain: Annotated[str, typer.Option(help="a or b: b is out of distribution for a model trained on a")] = "a",
+    scenes: Annotated[int, typer.Option(help="number of rooms")] = 8,
+    seed: Annotated[int, typer.Option(help="random seed; output is deterministic for (seed, domain)")] = 0,
+    views: Annotated[int, typer.Option(help="posed RGB-D views per room")] = 8,
+):
+    """Write procedural indoor rooms with posed RGB-D views in the ScanNet layout."""
+    from rich.progress import Progress
+
+    from tttkd.pipeline import synth as generator
+
+    if domain not in generator.DOMAINS:
+        fail(f"unknown domain {domain!r}; choose one of {', '.join(generator.DOMAINS)}")
+    with Progress(console=console) as bar:
+        task = bar.add_task(f"domain {domain}", total=scenes)
+        generator.generate(out, domain=domain, scenes=scenes, seed=seed, views=views,
+                           progress=lambda _: bar.advance(task))
+    console.print(f"wrote {scenes} scenes of domain {domain} to {out}")
+
+
+@app.command()
+def extract(
+    dataset: Annotated[str, typer.Option(help="dataset reader")] = "scannet",
+    root: Annotated[Path, typer.Option(help="dataset root")] = Path("data/scannet"),
+    model: TeacherOpt = "dinov2_vitl14",
+    out: Annotated[Optional[Path], typer.Option(help="store to write (default ./zarr/<dataset>)")] = None,
+    split: Annotated[Optional[str], typer.Option(help="split list selecting the scenes")] = "train",
+    scenes: Annotated[Optional[str], typer.Option(help="comma-separated scene ids (overrides --split's list)")] = None,
+    max_views: Annotated[Optional[int], typer.Option(help="at most this many random views per scene")] = None,
+    workers: Annotated[int, typer.Option(help="worker processes of the local Dask cluster")] = 1,
+    scheduler: Annotated[Optional[str], typer.Option(help="address of an existing Dask scheduler to join")] = None,
+    device: DeviceOpt = None,
+    weights: WeightsOpt = None,
+    image_scale: ScaleOpt = 0.25,
+    batch_size: Annotated[int, typer.Option(help="images per teacher batch")] = 16,
+):
+    """Project each scene's points into its images, run the teacher once per image, and write the cache."""
+    from tttkd.pipeline.extract import PrepConfig
+    from tttkd.pipeline.job import run_extraction
+
+    config = PrepConfig(dataset=dataset, root=root, teacher=model, weights=weights, image_scale=image_scale,
+                        max_views=max_views, batch_size=batch_size)
+    out = out or Path("zarr") / dataset
+    scene_ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
+    try:
+        report = run_extraction(config, out=out, scene_ids=scene_ids, split=split, workers=workers,
+                                scheduler=scheduler, device=device)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    console.print(f"{len(report.done)} scenes extracted, {len(report.skipped)} already complete, "
+                  f"{len(report.failed)} failed; {report.images} images in {report.seconds:.1f} s")
+    if report.views_skipped:
+        console.print(f"views skipped: {report.views_skipped}")
+    _print_info(out)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(
+    store: Annotated[Path, typer.Argument(help="feature cache to describe")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+):
+    """Scenes, points, bytes per point, teacher and provenance of a feature cache."""
+    _print_info(store, as_json=as_json)
+
+
+def _print_info(store: Path, *, as_json: bool = False) -> None:
+    from tttkd.pipeline.cache import CacheError, summarize
+
+    try:
+        summary = summarize(store)
+    except CacheError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(summary, indent=1))
+        return
+    table = Table(title=f"feature cache {store}", show_header=False)
+    for key in ("scenes", "incomplete", "points", "seen_points", "seen_fraction", "mean_views_per_point",
+                "bytes_on_disk", "bytes_per_point", "teacher", "feature_dim"):
+        value = summary[key]
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    for key, value in summary["provenance"].items():
+        table.add_row(f"provenance.{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)

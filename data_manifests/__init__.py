@@ -1,0 +1,1 @@
+"""Class lists, label maps and split lists, shipped as package data."""

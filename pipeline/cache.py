@@ -1,0 +1,186 @@
+"""Stage 4: the feature cache, a self-contained Zarr v3 store per dataset x teacher configuration.
+
+Layout (read it with plain `zarr`; nothing here is pickled):
+
+    <store>/                      group; attrs: tttkd_cache (format version), provenance
+    <store>/scenes/               group
+    <store>/scenes/<scene_id>/    group; attrs: complete, split, num_points, num_seen, num_views,
+                                  views_skipped
+        coord       (N, 3)  float32   metres, world frame
+        color       (N, 3)  uint8     RGB
+        normal      (N, 3)  float16   unit normals (zero where unknown)
+        label       (N,)    int16     class index, -1 = ignore
+        seen_index  (M,)    int32     sorted indices of the points seen by at least one view
+        feature     (M, D)  float16   mean over views of the L2-normalised teacher features
+        view_count  (M,)    uint16    number of views that saw each point
+
+`feature` holds mean_i(g_i / |g_i|) per point, deliberately not re-normalised: for a unit student
+vector f, E_i[f . g_i/|g_i|] = f . mean_i(g_i/|g_i|), so the cosine KD loss against this mean is
+exactly the paper's expectation over images (§3.2) at the cost of one vector per point.
+
+`provenance` names the teacher, its weights' sha256, the image scale, stride, feature dim and
+dtype, the projection parameters, dataset, splits and code version; a trainer refuses a cache whose
+teacher differs from its checkpoint's.
+
+Concurrency: each scene group is written by exactly one worker, which sets `complete` last; only
+the job's client writes the root attributes. A scene without `complete: true` is never read.
+Metadata is not consolidated: consolidated metadata would hide scenes added by a later run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .scene import Scene, check_scene_id
+
+FORMAT_VERSION = 1
+POINT_CHUNK = 1 << 17  # rows per chunk of per-point arrays: ~1.5 MB of coord
+FEATURE_CHUNK_BYTES = 8 << 20
+# provenance keys that must agree for two runs to write into one store
+IDENTITY_KEYS = ("teacher", "weights_sha256", "image_scale", "feature_dim", "feature_dtype",
+                 "stride", "projection", "dataset")
+
+
+class CacheError(ValueError):
+    """A feature cache is missing, incomplete or does not match what the caller needs."""
+
+
+@dataclass(frozen=True)
+class CachedScene:
+    """One complete scene read back from the cache."""
+
+    scene_id: str
+    coord: np.ndarray       # (N, 3) float32
+    color: np.ndarray       # (N, 3) uint8
+    normal: np.ndarray      # (N, 3) float16
+    label: np.ndarray       # (N,) int16
+    seen_index: np.ndarray  # (M,) int32
+    feature: np.ndarray     # (M, D) float16
+    view_count: np.ndarray  # (M,) uint16
+
+
+def open_for_writing(path: Path, provenance: dict, *, split: str | None = None) -> set[str]:
+    """Create the store, or reopen one whose provenance matches; return the ids of complete scenes.
+
+    Called once, by the job's client, before any worker writes.
+    """
+    path = Path(path)
+    if (path / "zarr.json").exists():
+        root = zarr.open_group(path, mode="r+", zarr_format=3)
+        stored = root.attrs.get("provenance")
+        if root.attrs.get("tttkd_cache") != FORMAT_VERSION or stored is None:
+            raise CacheError(f"{path}: exists but is not a tttkd feature cache (format {FORMAT_VERSION})")
+        for key in IDENTITY_KEYS:
+            if stored.get(key) != provenance.get(key):
+                raise CacheError(
+                    f"{path}: was written with {key}={stored.get(key)!r}, this run has {provenance.get(key)!r}; "
+                    "write to another --out"
+                )
+        splits = sorted(set(stored.get("splits", [])) | ({split} if split else set()))
+        root.attrs["provenance"] = {**stored, "splits": splits}
+    else:
+        root = zarr.open_group(path, mode="w", zarr_format=3)
+        root.attrs["tttkd_cache"] = FORMAT_VERSION
+        root.attrs["provenance"] = {**provenance, "splits": [split] if split else []}
+    if "scenes" not in root:
+        root.create_group("scenes")
+    return complete_scene_ids(path)
+
+
+def complete_scene_ids(path: Path) -> set[str]:
+    scenes = zarr.open_group(Path(path) / "scenes", mode="r", zarr_format=3)
+    return {name for name, group in scenes.groups() if group.attrs.get("complete") is True}
+
+
+def write_scene(path: Path, scene: Scene, *, seen_index: np.ndarray, feature: np.ndarray,
+                view_count: np.ndarray, attrs: dict) -> None:
+    """Write one scene's arrays, then mark it complete. Overwrites an incomplete earlier attempt."""
+    assert feature.shape[0] == seen_index.shape[0] == view_count.shape[0]
+    scene_id = check_scene_id(scene.scene_id)
+    group = zarr.open_group(Path(path) / "scenes", mode="r+", zarr_format=3).create_group(
+        scene_id, overwrite=True, attributes={"complete": False}
+    )
+    feature_rows = max(1, FEATURE_CHUNK_BYTES // max(1, feature.shape[1] * 2))
+    arrays = {
+        "coord": (scene.coord.astype(np.float32), (POINT_CHUNK, 3)),
+        "color": (scene.color.astype(np.uint8), (POINT_CHUNK, 3)),
+        "normal": (scene.normal.astype(np.float16), (POINT_CHUNK, 3)),
+        "label": (scene.label.astype(np.int16), (POINT_CHUNK,)),
+        "seen_index": (seen_index.astype(np.int32), (POINT_CHUNK,)),
+        "feature": (feature.astype(np.float16), (feature_rows, feature.shape[1])),
+        "view_count": (view_count.astype(np.uint16), (POINT_CHUNK,)),
+    }
+    for name, (data, chunks) in arrays.items():
+        chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape))
+        array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+        if data.size:
+            array[...] = data
+    # the flag goes last: a scene interrupted before this line reads as incomplete and is redone
+    group.attrs.update({**attrs, "num_points": scene.num_points, "num_seen": int(len(seen_index)),
+                        "complete": True})
+
+
+class FeatureCache:
+    """Read access to a feature cache: provenance, complete scene ids, scenes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise CacheError(f"{self.path}: no feature cache here (run `tttkd-prep extract` first)")
+        self.root = zarr.open_group(self.path, mode="r", zarr_format=3)
+        if self.root.attrs.get("tttkd_cache") != FORMAT_VERSION:
+            raise CacheError(f"{self.path}: not a tttkd feature cache of format {FORMAT_VERSION}")
+
+    @property
+    def provenance(self) -> dict:
+        return dict(self.root.attrs["provenance"])
+
+    def scene_ids(self, *, split: str | None = None) -> list[str]:
+        """Sorted ids of the complete scenes (of one split, if given)."""
+        return sorted(
+            name for name, group in self.root["scenes"].groups()
+            if group.attrs.get("complete") is True and (split is None or group.attrs.get("split") == split)
+        )
+
+    def incomplete_scene_ids(self) -> list[str]:
+        return sorted(name for name, group in self.root["scenes"].groups() if group.attrs.get("complete") is not True)
+
+    def scene_attrs(self, scene_id: str) -> dict:
+        return dict(self.root["scenes"][check_scene_id(scene_id)].attrs)
+
+    def read(self, scene_id: str) -> CachedScene:
+        group = self.root["scenes"].get(check_scene_id(scene_id))
+        if group is None or group.attrs.get("complete") is not True:
+            raise CacheError(f"{self.path}: scene {scene_id} is missing or incomplete")
+        return CachedScene(scene_id, *(group[name][...] for name in
+                                       ("coord", "color", "normal", "label", "seen_index", "feature", "view_count")))
+
+    def bytes_on_disk(self) -> int:
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.path) for f in files)
+
+
+def summarize(path: Path) -> dict:
+    """What `tttkd-prep info` shows: counts, sizes and provenance of a store."""
+    cache = FeatureCache(path)
+    ids = cache.scene_ids()
+    points = seen = views = 0
+    for scene_id in ids:
+        attrs = cache.scene_attrs(scene_id)
+        points += attrs["num_points"]
+        seen += attrs["num_seen"]
+        views += int(cache.root["scenes"][scene_id]["view_count"][...].astype(np.int64).sum())
+    size = cache.bytes_on_disk()
+    provenance = cache.provenance
+    return {
+        "store": str(path), "scenes": len(ids), "incomplete": len(cache.incomplete_scene_ids()),
+        "points": points, "seen_points": seen, "seen_fraction": seen / points if points else 0.0,
+        "mean_views_per_point": views / seen if seen else 0.0, "bytes_on_disk": size,
+        "bytes_per_point": size / points if points else 0.0, "teacher": provenance.get("teacher"),
+        "feature_dim": provenance.get("feature_dim"), "provenance": provenance,
+        "last_run": cache.root.attrs.get("last_run"),
+    }

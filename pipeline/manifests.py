@@ -1,0 +1,29 @@
+"""Access to the class lists and split files shipped in `data_manifests/` (package data)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+
+def manifest_dir(dataset: str) -> Path:
+    return Path(str(resources.files("tttkd.data_manifests").joinpath(dataset)))
+
+
+def load_classes(dataset: str) -> dict:
+    """The dataset's `classes.json`: names in training order, source ids, ignore index."""
+    return json.loads((manifest_dir(dataset) / "classes.json").read_text())
+
+
+def read_split(dataset: str, split: str, *, root: Path) -> list[str]:
+    """Scene ids of a split: `<root>/<dataset>v2_<split>.txt`-style files in the dataset root win
+    over the lists shipped in data_manifests/ (they are the user's own)."""
+    name = f"{dataset}v2_{split}.txt" if dataset == "scannet" else f"{split}.txt"
+    for candidate in (Path(root) / name, manifest_dir(dataset) / name):
+        if candidate.is_file():
+            return [line.strip() for line in candidate.read_text().splitlines() if line.strip()]
+    raise FileNotFoundError(
+        f"no split list {name!r} in {root} or {manifest_dir(dataset)}: put the official list in the "
+        "dataset root, or choose scenes with --scenes"
+    )

@@ -1,0 +1,117 @@
+"""The feature cache: plain-zarr round trip, completeness, resume, provenance checks, Dask job."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tttkd.pipeline import cache
+from tttkd.pipeline.cache import CacheError, FeatureCache
+from tttkd.pipeline.extract import PrepConfig
+from tttkd.pipeline.job import run_extraction
+from tttkd.pipeline.scene import Scene
+
+PROVENANCE = {"teacher": "efficientnet_lite0", "weights_sha256": "ab", "image_scale": 0.25, "feature_dim": 5,
+              "feature_dtype": "float16", "stride": 8, "projection": {"border_px": 10.0}, "dataset": "scannet"}
+
+
+def tiny_scene(scene_id="scene0000_00", n=7, seed=0):
+    rng = np.random.default_rng(seed)
+    return Scene(scene_id, rng.normal(size=(n, 3)).astype(np.float32), rng.integers(0, 255, (n, 3), dtype=np.uint8),
+                 np.tile(np.array([0, 0, 1], np.float32), (n, 1)), rng.integers(-1, 20, n).astype(np.int16))
+
+
+def test_round_trip_through_plain_zarr(tmp_path):
+    store = tmp_path / "c.zarr"
+    cache.open_for_writing(store, PROVENANCE, split="train")
+    scene = tiny_scene()
+    feature = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
+    cache.write_scene(store, scene, seen_index=np.array([0, 2, 5]), feature=feature,
+                      view_count=np.array([1, 2, 3]), attrs={"split": "train"})
+    # a user without tttkd: plain zarr, documented names
+    root = zarr.open_group(store, mode="r")
+    assert root.attrs["provenance"]["teacher"] == "efficientnet_lite0"
+    assert root.attrs["provenance"]["splits"] == ["train"]
+    group = root["scenes/scene0000_00"]
+    assert group.attrs["complete"] is True and group.attrs["num_points"] == 7
+    np.testing.assert_array_equal(group["coord"][:], scene.coord)
+    np.testing.assert_array_equal(group["label"][:], scene.label)
+    np.testing.assert_array_equal(group["seen_index"][:], [0, 2, 5])
+    assert group["feature"].dtype == np.float16
+    np.testing.assert_allclose(group["feature"][:], feature, atol=2e-3)
+    assert root.metadata.zarr_format == 3
+    read = FeatureCache(store).read("scene0000_00")
+    np.testing.assert_array_equal(read.color, scene.color)
+
+
+def test_incomplete_scene_is_invisible_and_rewritten(tmp_path):
+    store = tmp_path / "c.zarr"
+    cache.open_for_writing(store, PROVENANCE)
+    # what a worker killed mid-write leaves behind: a group without complete=true
+    zarr.open_group(store / "scenes", mode="r+").create_group("scene0001_00", attributes={"complete": False})
+    c = FeatureCache(store)
+    assert c.scene_ids() == [] and c.incomplete_scene_ids() == ["scene0001_00"]
+    with pytest.raises(CacheError, match="scene0001_00 is missing or incomplete"):
+        c.read("scene0001_00")
+    cache.write_scene(store, tiny_scene("scene0001_00"), seen_index=np.array([1]), feature=np.ones((1, 5)),
+                      view_count=np.array([1]), attrs={})
+    assert FeatureCache(store).scene_ids() == ["scene0001_00"]
+
+
+def test_store_with_another_teacher_is_refused(tmp_path):
+    store = tmp_path / "c.zarr"
+    cache.open_for_writing(store, PROVENANCE)
+    with pytest.raises(CacheError, match="teacher='efficientnet_lite0'.*'dinov2_vitl14'"):
+        cache.open_for_writing(store, {**PROVENANCE, "teacher": "dinov2_vitl14"})
+    with pytest.raises(CacheError, match="no feature cache"):
+        FeatureCache(tmp_path / "nowhere")
+
+
+def test_mean_of_normalised_features_gives_the_exact_multiview_objective():
+    """Brief §2: E_i[f . g_i/|g_i|] = f . mean_i(g_i/|g_i|), so one stored vector per point suffices."""
+    g = torch.randn(6, 32)
+    f = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    per_view = (torch.nn.functional.normalize(g, dim=1) @ f).mean()
+    stored = torch.nn.functional.normalize(g, dim=1).mean(0)
+    torch.testing.assert_close(f @ stored, per_view)
+
+
+def extract_config(root):
+    return PrepConfig(dataset="scannet", root=root, teacher="efficientnet_lite0", batch_size=2)
+
+
+def test_two_worker_dask_run_writes_one_store_and_resumes(synth_root, tmp_path):
+    store = tmp_path / "a.zarr"
+    ids = ["scene0000_00", "scene0001_00", "scene0002_00"]
+    report = run_extraction(extract_config(synth_root), out=store, scene_ids=ids, split="train", workers=2,
+                            device="cpu", progress=False)
+    assert sorted(report.done) == ids and not report.failed
+    assert report.views_skipped == {"invalid pose": 1}  # scene0002_00 has a -inf pose
+    c = FeatureCache(store)
+    assert c.scene_ids() == ids
+    prov = c.provenance
+    assert prov["feature_dim"] == 472 and prov["teacher"] == "efficientnet_lite0" and len(prov["weights_sha256"]) == 64
+    for scene_id in ids:
+        s = c.read(scene_id)
+        assert s.feature.shape == (len(s.seen_index), 472) and len(s.seen_index) > 0.2 * len(s.coord)
+        norms = np.linalg.norm(s.feature.astype(np.float32), axis=1)
+        # a mean of unit vectors: at most 1, exactly 1 where a single view saw the point
+        assert norms.max() <= 1.01
+        np.testing.assert_allclose(norms[s.view_count == 1], 1.0, atol=2e-3)
+        assert np.all(np.diff(s.seen_index) > 0)
+
+    # an interrupted rerun: drop one scene's completion flag; only that scene is redone
+    zarr.open_group(store / "scenes" / "scene0001_00", mode="r+").attrs["complete"] = False
+    report = run_extraction(extract_config(synth_root), out=store, scene_ids=ids, split="train", workers=1,
+                            device="cpu", progress=False)
+    assert report.done == ["scene0001_00"] and sorted(report.skipped) == ["scene0000_00", "scene0002_00"]
+    assert FeatureCache(store).scene_ids() == ids
+
+
+def test_failed_scene_is_reported_and_the_others_go_on(synth_root, tmp_path):
+    store = tmp_path / "b.zarr"
+    report = run_extraction(extract_config(synth_root), out=store, scene_ids=["scene0000_00", "scene0077_00"],
+                            workers=1, device="cpu", progress=False)
+    assert report.done == ["scene0000_00"]
+    assert "scene0077_00_vh_clean_2.ply" in report.failed["scene0077_00"]
+    assert zarr.open_group(store, mode="r").attrs["last_run"]["failed"] == report.failed
