@@ -64,3 +64,41 @@ def extract(
     console.print(table)
     out.write_text(json.dumps(result, indent=1))
     console.print(f"wrote {out}")
+
+
+@app.command("train")
+def train(
+    cache: Annotated[Path, typer.Option("--cache", help="feature cache to train from")],
+    model: Annotated[str, typer.Option(help="minkunet34c (paper) or small")] = "minkunet34c",
+    batch_size: Annotated[int, typer.Option(help="scenes per batch")] = 8,
+    workers: Annotated[int, typer.Option(help="data-loading workers")] = 4,
+    steps: Annotated[int, typer.Option(help="timed steps (after 3 warm-up steps)")] = 20,
+    voxel: Annotated[float, typer.Option(help="voxel size in metres")] = 0.04,
+    device: DeviceOpt = None,
+    out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-train.json"),
+):
+    """Training step time and the fraction of it spent waiting on data."""
+    from dataclasses import replace
+
+    import torch
+
+    from tttkd.bench import bench_train
+    from tttkd.data import DataConfig
+    from tttkd.train import TrainConfig
+
+    config = TrainConfig(model=model, batch_size=batch_size, workers=workers,
+                         data=replace(DataConfig(), voxel_size_m=voxel))
+    try:
+        result = bench_train(cache, config, steps=steps, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    table = Table(title=f"tttkd bench train: {model} on {result['device']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key in ("batch_size", "workers", "voxels_per_batch", "ms_per_step", "ms_compute_per_step",
+                "data_wait_fraction", "peak_gpu_mem_gb", "amp"):
+        value = result[key]
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    out.write_text(json.dumps(result, indent=1))
+    console.print(f"wrote {out}")

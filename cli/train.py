@@ -1,0 +1,85 @@
+"""`tttkd train` and `tttkd eval`: joint training from a feature cache, and evaluation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .options import CacheOpt, DeviceOpt, fail
+
+console = Console()
+
+
+def train(
+    cache: CacheOpt,
+    out: Annotated[Path, typer.Option(help="run folder: checkpoints, metrics.jsonl, curves.png")] = Path("runs/scannet"),
+    val_cache: Annotated[Optional[Path], typer.Option(help="cache evaluated after every epoch")] = None,
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 100,
+    batch_size: Annotated[int, typer.Option(help="scenes per batch")] = 8,
+    voxel: Annotated[float, typer.Option(help="voxel size in metres (paper: 0.04)")] = 0.04,
+    no_kd: Annotated[bool, typer.Option("--no-kd", help="Source-Only: no kd_head, no KD loss")] = False,
+    model: Annotated[str, typer.Option(help="minkunet34c (paper) or small (CPU)")] = "minkunet34c",
+    lr: Annotated[float, typer.Option(help="OneCycle max learning rate (paper: 0.005)")] = 0.005,
+    workers: Annotated[int, typer.Option(help="data-loading worker processes")] = 2,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue from OUT/last.pt")] = False,
+    device: DeviceOpt = None,
+):
+    """Train the 3D network jointly on segmentation and on distilling the cached teacher features."""
+    import torch
+
+    from tttkd.data import DataConfig
+    from tttkd.train import TrainConfig, train as run
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, max_lr=lr, use_kd=not no_kd, model=model,
+                         seed=seed, workers=workers, data=replace(DataConfig(), voxel_size_m=voxel))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        summary = run(cache, out, config, val_cache=val_cache, device=device, resume=resume)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    console.print(f"trained {summary['steps']} steps; best val mIoU {summary['best_val_miou']}; "
+                  f"outputs in {out} (last.pt, best.pt, metrics.jsonl, curves.png)")
+
+
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint (last.pt / best.pt)")],
+    cache: CacheOpt,
+    export_ply: Annotated[Optional[Path], typer.Option(help="write one PLY per scene coloured by class")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="JSON result (default: next to the checkpoint)")] = None,
+    device: DeviceOpt = None,
+):
+    """mIoU and per-class IoU of a checkpoint on every complete scene of a cache."""
+    import torch
+
+    from tttkd.checkpoint import load_checkpoint, model_from_checkpoint
+    from tttkd.data import DataConfig
+    from tttkd.evaluate import evaluate as run
+    from tttkd.pipeline.cache import FeatureCache
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        state = load_checkpoint(checkpoint)
+        model = model_from_checkpoint(state, device=device)
+        data = state["train_config"]["data"]
+        data_config = DataConfig(voxel_size_m=data["voxel_size_m"], input_features=data["input_features"])
+        scene_ids = FeatureCache(cache).scene_ids()
+        result = run(model, cache, scene_ids, data_config=data_config, class_names=state["class_names"],
+                     device=device, export_dir=export_ply)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{checkpoint}: {e}" if isinstance(e, KeyError) else str(e))
+    table = Table(title=f"{checkpoint} on {cache}: mIoU {result.miou:.4f} ({result.scenes} scenes)")
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for name, iou in result.iou.items():
+        table.add_row(name, "-" if iou != iou else f"{iou:.4f}")
+    console.print(table)
+    out = out or Path(checkpoint).with_name(f"eval-{Path(cache).name}.json")
+    out.write_text(json.dumps({"checkpoint": str(checkpoint), "cache": str(cache), **result.to_json()}, indent=1))
+    console.print(f"wrote {out}")

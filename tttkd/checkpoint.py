@@ -1,0 +1,49 @@
+"""Checkpoints: model, optimiser, scheduler, configs, class names and the cache's teacher provenance.
+
+Loaded with `weights_only=True`: a checkpoint holds tensors and plain containers only, and loading
+one never runs code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .model import ModelConfig, TTTKDNet, build_model
+
+TEACHER_KEYS = ("teacher", "weights_sha256", "feature_dim", "image_scale", "stride")
+
+
+class TeacherMismatchError(ValueError):
+    """A cache's teacher differs from the one a checkpoint was trained to distil."""
+
+
+def teacher_of(provenance: dict) -> dict:
+    return {key: provenance.get(key) for key in TEACHER_KEYS}
+
+
+def check_teacher(checkpoint_teacher: dict, cache_provenance: dict, *, cache_path: Path) -> None:
+    """Refuse a cache whose teacher (name or dimension) differs from the checkpoint's."""
+    cache_teacher = teacher_of(cache_provenance)
+    for key in ("teacher", "feature_dim"):
+        if checkpoint_teacher.get(key) != cache_teacher.get(key):
+            raise TeacherMismatchError(
+                f"{cache_path}: cache has {key}={cache_teacher.get(key)!r} but the checkpoint was trained with "
+                f"{checkpoint_teacher.get(key)!r}; extract a cache with the checkpoint's teacher"
+            )
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(checkpoint: dict, *, device) -> TTTKDNet:
+    config = checkpoint["model_config"]
+    model = build_model(ModelConfig(**{**config, "channels": tuple(config["channels"]),
+                                       "layers": tuple(config["layers"])}), device=device)
+    model.load_state_dict(checkpoint["model"])
+    return model

@@ -1,0 +1,172 @@
+"""Cache -> voxelised, augmented `Batch` (the trainer's only view of the data; never the raw dataset
+or the 2D model).
+
+Per training sample: read a scene's points from the cache, augment (augment.py), with p = 0.5 overlay
+a second scene (Mix3D), voxelise at `voxel_size_m` keeping one random point per voxel, then pick
+`kd_points` voxels whose point has a cached teacher feature and read just those feature rows.
+At evaluation every original point takes the prediction of its voxel (`EvalScene.point_to_voxel`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tttkd.pipeline.cache import CachedScene, FeatureCache
+
+from .augment import NO_AUGMENTATION, AugmentConfig, PointSet, augment, mix3d
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    voxel_size_m: float = 0.04
+    """Paper §4.1: 4 cm."""
+    kd_points: int = 2048
+    """Voxels per scene that carry a KD target in training (paper C.1: 2048; TTT uses 16384)."""
+    input_features: str = "color_normal"
+    """"color_normal" (6 channels, indoors) or "xyz" (3 channels, LiDAR)."""
+    augment: AugmentConfig = AugmentConfig()
+
+
+def in_channels(input_features: str) -> int:
+    return {"color_normal": 6, "xyz": 3}[input_features]
+
+
+@dataclass
+class Batch:
+    """Several voxelised scenes, concatenated."""
+
+    grid_coord: torch.Tensor   # (V, 3) int32 voxel coordinates, >= 0
+    batch_index: torch.Tensor  # (V,) int32 scene of each voxel within the batch
+    features: torch.Tensor     # (V, F) float32 network input
+    label: torch.Tensor        # (V,) int64, -1 = ignore
+    kd_voxel: torch.Tensor     # (K,) int64 voxels with a KD target
+    kd_target: torch.Tensor    # (K, D) float32 cached mean of L2-normalised teacher features
+    num_scenes: int
+
+    def to(self, device) -> Batch:
+        return replace(self, **{k: v.to(device, non_blocking=True) for k, v in vars(self).items()
+                                if isinstance(v, torch.Tensor)})
+
+
+def point_set(scene: CachedScene) -> PointSet:
+    seen_row = np.full(len(scene.coord), -1, dtype=np.int64)
+    seen_row[scene.seen_index] = np.arange(len(scene.seen_index))
+    return PointSet(coord=scene.coord.astype(np.float32), color=scene.color.astype(np.float32),
+                    normal=scene.normal.astype(np.float32), label=scene.label.astype(np.int64),
+                    seen_row=seen_row, source=np.zeros(len(scene.coord), dtype=np.int64))
+
+
+def voxelize(coord: np.ndarray, voxel_size_m: float, rng: np.random.Generator | None = None):
+    """Grid-sample points -> (grid_coord (V, 3) int32, representative point (V,), voxel of each point (N,)).
+
+    With `rng`, the representative of each voxel is a random point of it (training); without, the
+    first point in input order (evaluation, deterministic).
+    """
+    grid = np.floor(coord / voxel_size_m).astype(np.int64)
+    grid -= grid.min(0)
+    extent = grid.max(0) + 1
+    key = (grid[:, 0] * extent[1] + grid[:, 1]) * extent[2] + grid[:, 2]
+    order = rng.permutation(len(key)) if rng is not None else np.arange(len(key))
+    _, first, inverse = np.unique(key[order], return_index=True, return_inverse=True)
+    representative = order[first]
+    point_to_voxel = np.empty(len(key), dtype=np.int64)
+    point_to_voxel[order] = inverse
+    return grid[representative].astype(np.int32), representative, point_to_voxel
+
+
+def input_features(points: PointSet, kind: str) -> np.ndarray:
+    if kind == "xyz":
+        return points.coord - points.coord.mean(0)
+    return np.concatenate([points.color / 127.5 - 1.0, points.normal], axis=1).astype(np.float32)
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Training samples from a feature cache. Deterministic for (seed, epoch, index): set `epoch`
+    before each epoch; workers are re-created per epoch and receive it."""
+
+    def __init__(self, cache_path: Path, scene_ids: list[str], config: DataConfig, *, train: bool, seed: int = 0):
+        self.cache_path = Path(cache_path)
+        self.scene_ids = list(scene_ids)
+        self.config = config
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self._cache = None  # opened lazily: one zarr handle per worker process
+
+    @property
+    def cache(self) -> FeatureCache:
+        if self._cache is None:
+            self._cache = FeatureCache(self.cache_path)
+        return self._cache
+
+    def __len__(self) -> int:
+        return len(self.scene_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        aug = self.config.augment if self.train else NO_AUGMENTATION
+        ids = [self.scene_ids[index]]
+        points = augment(point_set(self.cache.read_points(ids[0])), aug, rng)
+        if self.train and len(self.scene_ids) > 1 and rng.random() < aug.mix3d_p:
+            ids.append(self.scene_ids[(index + 1 + rng.integers(len(self.scene_ids) - 1)) % len(self.scene_ids)])
+            points = mix3d(points, augment(point_set(self.cache.read_points(ids[1])), aug, rng))
+        grid, representative, _ = voxelize(points.coord, self.config.voxel_size_m, rng if self.train else None)
+        voxels = points.take(representative)
+        candidates = np.flatnonzero(voxels.seen_row >= 0)
+        kd_voxel = np.sort(rng.choice(candidates, size=min(self.config.kd_points, len(candidates)), replace=False))
+        kd_target = np.empty((len(kd_voxel), self.cache.provenance["feature_dim"]), np.float32)
+        for source, scene_id in enumerate(ids):
+            mine = voxels.source[kd_voxel] == source
+            kd_target[mine] = self.cache.read_features(scene_id, voxels.seen_row[kd_voxel[mine]])
+        return {"grid_coord": grid, "features": input_features(voxels, self.config.input_features),
+                "label": voxels.label, "kd_voxel": kd_voxel, "kd_target": kd_target}
+
+
+def collate(samples: list[dict]) -> Batch:
+    offsets = np.cumsum([0] + [len(s["grid_coord"]) for s in samples])
+    cat = lambda key: torch.from_numpy(np.concatenate([s[key] for s in samples]))
+    return Batch(
+        grid_coord=cat("grid_coord"),
+        batch_index=torch.from_numpy(np.concatenate([np.full(len(s["grid_coord"]), i, np.int32)
+                                                     for i, s in enumerate(samples)])),
+        features=cat("features"),
+        label=cat("label"),
+        kd_voxel=torch.from_numpy(np.concatenate([s["kd_voxel"] + o for s, o in zip(samples, offsets)])),
+        kd_target=cat("kd_target"),
+        num_scenes=len(samples),
+    )
+
+
+def make_loader(dataset: CacheDataset, *, batch_size: int, shuffle: bool, workers: int, seed: int,
+                epoch: int = 0) -> torch.utils.data.DataLoader:
+    """A loader for one epoch. Workers prefetch (2 batches each) while the model trains."""
+    dataset.epoch = epoch
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        generator=generator, drop_last=False, persistent_workers=False,
+        prefetch_factor=2 if workers > 0 else None, pin_memory=torch.cuda.is_available(),
+    )
+
+
+@dataclass
+class EvalScene:
+    """One scene at evaluation: voxel inputs plus the map back to every original point."""
+
+    scene_id: str
+    grid_coord: np.ndarray      # (V, 3) int32
+    features: np.ndarray        # (V, F) float32
+    point_to_voxel: np.ndarray  # (N,) int64
+    point_label: np.ndarray     # (N,) int64, -1 = ignore
+    coord: np.ndarray           # (N, 3) float32, for PLY export
+
+
+def eval_scene(cache: FeatureCache, scene_id: str, config: DataConfig) -> EvalScene:
+    points = point_set(cache.read_points(scene_id))
+    grid, representative, point_to_voxel = voxelize(points.coord, config.voxel_size_m)
+    return EvalScene(scene_id, grid, input_features(points.take(representative), config.input_features),
+                     point_to_voxel, points.label, points.coord)

@@ -1,0 +1,197 @@
+"""The 3D network of TTT-KD (paper §3.2): backbone ψ3D and two projectors.
+
+    voxels (V, in_channels) --backbone (ψ3D, MinkUNet34C)--> (V, 96) features F3D
+        --seg_head (ρY)--> (V, C) class logits
+        --kd_head  (ρ2D)--> (V, D) prediction of the cached teacher feature
+
+The backbone is the MinkUNet34C layout as Pointcept's SpUNet-v1m1 writes it on spconv: a 5^3 stem
+of 32 channels, four encoder stages (stride-2 conv, then 2/3/4/6 residual blocks of
+32/64/128/256 channels) and four decoder stages (inverse conv, concatenation with the encoder
+skip, then 2 blocks each of 256/128/96/96 channels). `forward_features` runs the backbone only,
+so test-time training runs backbone + kd_head and evaluation backbone + seg_head.
+
+Attribute names (conv_input, down, enc, up, dec, seg_head, kd_head) are the checkpoint format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _spconv():
+    # spconv takes ~5 s to import: load it when a model is built, not when tttkd is imported
+    import spconv.pytorch as spconv
+    from spconv.core import ConvAlgo
+
+    return spconv, ConvAlgo
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    in_channels: int = 6
+    """colour + normal indoors (paper §4.1); 3 (xyz) for LiDAR."""
+    num_classes: int = 20
+    kd_dim: int | None = 1024
+    """Teacher feature dimension (the cache's); None builds the Source-Only model without kd_head."""
+    stem_channels: int = 32
+    channels: tuple[int, ...] = (32, 64, 128, 256, 256, 128, 96, 96)
+    layers: tuple[int, ...] = (2, 3, 4, 6, 2, 2, 2, 2)
+    seg_hidden: int = 96
+    """ρY: Linear(96, 96) -> BN -> ReLU -> Linear(96, C)."""
+    kd_hidden: int = 512
+    """ρ2D: Linear(96, 512) -> BN -> ReLU -> Linear(512, D)."""
+    bn_momentum: float = 0.01
+    """Running-statistics momentum of the backbone's BatchNorm (Pointcept's SpUNet: 0.01)."""
+
+
+def conv_algo(device: torch.device | str):
+    """spconv's algorithm for a device: on CPU only Native is implemented (the default asserts
+    "Torch not compiled with CUDA"); on CUDA the default implicit GEMM. Weights have one layout
+    for all algorithms, so checkpoints move between the two."""
+    _, ConvAlgo = _spconv()
+    return ConvAlgo.Native if torch.device(device).type == "cpu" else None
+
+
+class BasicBlock(nn.Module):
+    """Two 3^3 submanifold convs with BN and a residual (1x1 projection where channels change)."""
+
+    def __init__(self, in_channels: int, channels: int, *, indice_key: str, bn_momentum: float, algo=None):
+        super().__init__()
+        spconv, _ = _spconv()
+        # A 1x1x1 submanifold conv is a per-voxel linear map: written as nn.Linear on the features.
+        # spconv 2.3.6's Native 1x1 conv reads its (out, 1, 1, 1, in) weight as (in, out), so a
+        # checkpoint would compute different functions on CPU and GPU (found by the dense-reference test).
+        if in_channels == channels:
+            self.proj = nn.Identity()
+        else:
+            self.proj = nn.Sequential(nn.Linear(in_channels, channels, bias=False), _norm(channels, bn_momentum))
+        self.conv1 = spconv.SubMConv3d(in_channels, channels, 3, padding=1, bias=False, indice_key=indice_key, algo=algo)
+        self.bn1 = _norm(channels, bn_momentum)
+        self.conv2 = spconv.SubMConv3d(channels, channels, 3, padding=1, bias=False, indice_key=indice_key, algo=algo)
+        self.bn2 = _norm(channels, bn_momentum)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        residual = self.proj(x.features)
+        out = self.conv1(x)
+        out = out.replace_feature(self.relu(self.bn1(out.features)))
+        out = self.conv2(out)
+        return out.replace_feature(self.relu(self.bn2(out.features) + residual))
+
+
+def _norm(channels: int, momentum: float) -> nn.BatchNorm1d:
+    return nn.BatchNorm1d(channels, eps=1e-3, momentum=momentum)  # eps: Pointcept's SpUNet value
+
+
+class Backbone(nn.Module):
+    """MinkUNet34C on spconv (ψ3D)."""
+
+    def __init__(self, config: ModelConfig, *, algo=None):
+        super().__init__()
+        spconv, _ = _spconv()
+        channels, layers = config.channels, config.layers
+        assert len(channels) == len(layers) and len(layers) % 2 == 0, "one channel count per stage"
+        stages = len(layers) // 2
+        m = config.bn_momentum
+        self.conv_input = spconv.SparseSequential(
+            spconv.SubMConv3d(config.in_channels, config.stem_channels, 5, padding=1, bias=False,
+                              indice_key="stem", algo=algo),
+            _norm(config.stem_channels, m), nn.ReLU())
+        self.down, self.enc, self.up, self.dec = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        enc_channels, dec_channels = config.stem_channels, channels[-1]
+        for s in range(stages):
+            # down[s] and up[s] share indice_key "spconv{s+1}": the inverse conv reuses the down
+            # conv's index pairs to return exactly to the finer level's voxels
+            self.down.append(spconv.SparseSequential(
+                spconv.SparseConv3d(enc_channels, channels[s], 2, stride=2, bias=False,
+                                    indice_key=f"spconv{s + 1}", algo=algo),
+                _norm(channels[s], m), nn.ReLU()))
+            # blocks are plain modules taking a SparseConvTensor: nn.Sequential, not SparseSequential
+            # (which would hand them only the features)
+            self.enc.append(nn.Sequential(*[
+                BasicBlock(channels[s], channels[s], indice_key=f"subm{s + 1}", bn_momentum=m, algo=algo) for _ in range(layers[s])]))
+            up_in = channels[len(channels) - s - 2]
+            self.up.append(spconv.SparseSequential(
+                spconv.SparseInverseConv3d(up_in, dec_channels, 2, indice_key=f"spconv{s + 1}", bias=False, algo=algo),
+                _norm(dec_channels, m), nn.ReLU()))
+            # decoder stage s works at the resolution of encoder stage s - 1 (s = 0: the stem's)
+            self.dec.append(nn.Sequential(*[
+                BasicBlock(dec_channels + enc_channels if i == 0 else dec_channels, dec_channels,
+                           indice_key=f"subm{s}", bn_momentum=m, algo=algo) for i in range(layers[len(channels) - s - 1])]))
+            enc_channels, dec_channels = channels[s], channels[len(channels) - s - 2]
+        self.out_channels = channels[-1]
+
+    def forward(self, x):
+        x = self.conv_input(x)
+        skips = [x]
+        for down, enc in zip(self.down, self.enc):
+            x = enc(down(x))
+            skips.append(x)
+        x = skips.pop()
+        for s in reversed(range(len(self.up))):
+            x = self.up[s](x)
+            x = x.replace_feature(torch.cat([x.features, skips.pop().features], dim=1))
+            x = self.dec[s](x)
+        return x.features  # (V, 96), in the input's voxel order
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+class TTTKDNet(nn.Module):
+    """Backbone ψ3D with the segmentation head ρY and the distillation head ρ2D."""
+
+    def __init__(self, config: ModelConfig, *, algo=None):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config, algo=algo)
+        self.seg_head = _mlp(self.backbone.out_channels, config.seg_hidden, config.num_classes)
+        self.kd_head = (_mlp(self.backbone.out_channels, config.kd_hidden, config.kd_dim)
+                        if config.kd_dim else nn.Identity())
+
+    @property
+    def has_kd_head(self) -> bool:
+        return not isinstance(self.kd_head, nn.Identity)
+
+    def forward_features(self, voxels) -> torch.Tensor:
+        """spconv.SparseConvTensor -> (V, 96) backbone features."""
+        return self.backbone(voxels)
+
+    def forward(self, voxels) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (seg logits (V, C), kd prediction (V, D) or None for the Source-Only model)."""
+        features = self.forward_features(voxels)
+        return self.seg_head(features), (self.kd_head(features) if self.has_kd_head else None)
+
+
+def build_model(config: ModelConfig, *, device: torch.device | str = "cpu") -> TTTKDNet:
+    return TTTKDNet(config, algo=conv_algo(device)).to(device)
+
+
+def sparse_input(grid_coord: torch.Tensor, batch_index: torch.Tensor, features: torch.Tensor, batch_size: int):
+    """spconv's input: (V, 4) int32 [batch, x, y, z] indices over a grid that holds every voxel.
+
+    The spatial shape is the largest coordinate + 1, rounded up to a multiple of 16 so that the
+    four stride-2 levels halve it exactly.
+    """
+    spconv, _ = _spconv()
+    extent = (grid_coord.max(0).values + 1).tolist() if len(grid_coord) else [1, 1, 1]
+    shape = [-(-int(e) // 16) * 16 for e in extent]
+    indices = torch.cat([batch_index[:, None], grid_coord], dim=1).int().contiguous()
+    return spconv.SparseConvTensor(features, indices, shape, batch_size)
+
+
+def model_config(variant: str = "minkunet34c", **fields) -> ModelConfig:
+    """Named model sizes. "minkunet34c" is the paper's; "small" (3 M parameters, one block per
+    stage, half the channels) is for CPU runs: the demo, tests and quick experiments."""
+    variants = {
+        "minkunet34c": {},
+        "small": dict(stem_channels=16, channels=(16, 32, 64, 128, 128, 64, 48, 48), layers=(1,) * 8,
+                      seg_hidden=48, kd_hidden=128),
+    }
+    if variant not in variants:
+        raise ValueError(f"unknown model {variant!r}; choose one of {', '.join(variants)}")
+    return ModelConfig(**{**variants[variant], **fields})

@@ -1,0 +1,189 @@
+"""Joint training (paper §3.2, appendix C.1): segmentation + cosine distillation of cached teacher
+features, read from a feature cache only.
+
+One loop, nanoGPT-style: schedule, batch, forward, loss, backward, step, log; then per epoch
+evaluate and checkpoint. Outputs in `out`: last.pt / best.pt, metrics.jsonl, curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tttkd.pipeline.cache import FeatureCache
+
+from .checkpoint import check_teacher, load_checkpoint, teacher_of
+from .data import CacheDataset, DataConfig, in_channels, make_loader
+from .evaluate import evaluate
+from .loss import kd_loss, segmentation_loss
+from .model import build_model, model_config, sparse_input
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 8
+    max_lr: float = 0.005
+    """AdamW with OneCycleLR (appendix C.1): max lr 0.005, div_factor 10, final_div_factor 1000."""
+    div_factor: float = 10.0
+    final_div_factor: float = 1000.0
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.2
+    kd_weight: float = 1.0
+    use_kd: bool = True
+    """False trains the Source-Only model: no kd_head, no KD loss."""
+    model: str = "minkunet34c"
+    seed: int = 0
+    workers: int = 2
+    amp: bool = True
+    """fp16 autocast with loss scaling on CUDA (ignored on CPU)."""
+    log_every: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.max_lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.max_lr, total_steps=max(1, total_steps), div_factor=config.div_factor,
+        final_div_factor=config.final_div_factor)
+    return optimizer, scheduler
+
+
+def batch_losses(model, batch, config: TrainConfig):
+    """Forward one batch -> (total loss, seg loss, kd loss or None)."""
+    voxels = sparse_input(batch.grid_coord, batch.batch_index, batch.features, batch.num_scenes)
+    logits, kd_prediction = model(voxels)
+    loss_seg = segmentation_loss(logits, batch.label, label_smoothing=config.label_smoothing)
+    if kd_prediction is None:
+        return loss_seg, loss_seg, None
+    loss_kd = kd_loss(kd_prediction[batch.kd_voxel], batch.kd_target)
+    return loss_seg + config.kd_weight * loss_kd, loss_seg, loss_kd
+
+
+def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path | None = None,
+          device: str = "cpu", resume: bool = False, progress: bool = True) -> dict:
+    """Train on every complete scene of `cache_path`; evaluate on `val_cache` after each epoch."""
+    from rich.progress import Progress
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    cache = FeatureCache(cache_path)
+    provenance = cache.provenance
+    class_names = provenance["class_names"]
+    scene_ids = cache.scene_ids()
+    if not scene_ids:
+        raise ValueError(f"{cache_path}: no complete scenes to train on")
+    val_ids = FeatureCache(val_cache).scene_ids() if val_cache else []
+
+    seed_everything(config.seed)
+    mconfig = model_config(config.model, in_channels=in_channels(config.data.input_features),
+                           num_classes=len(class_names), kd_dim=provenance["feature_dim"] if config.use_kd else None)
+    model = build_model(mconfig, device=device)
+    dataset = CacheDataset(cache_path, scene_ids, config.data, train=True, seed=config.seed)
+    steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
+    optimizer, scheduler = make_optimizer(model, config, config.epochs * steps_per_epoch)
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch, step, best, history = 0, 0, -1.0, []
+    if resume and (out / "last.pt").exists():
+        checkpoint = load_checkpoint(out / "last.pt")
+        check_teacher(checkpoint["teacher"], provenance, cache_path=cache_path)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, step, best, history = (checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best_miou"],
+                                            checkpoint["history"])
+    log = open(out / "metrics.jsonl", "a")
+
+    with Progress(disable=not progress) as bar:
+        for epoch in range(start_epoch, config.epochs):
+            model.train()
+            task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch)
+            loader = make_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
+                                 seed=config.seed, epoch=epoch)
+            for batch in loader:
+                # batch
+                batch = batch.to(device)
+                # forward + loss
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    loss, loss_seg, loss_kd = batch_losses(model, batch, config)
+                # backward + step (the OneCycle schedule advances once per batch)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                # log (.item() syncs with the GPU: only every log_every steps)
+                if step % config.log_every == 0 or step == 1:
+                    record = {"epoch": epoch, "step": step, "lr": lr, "loss": loss.item(),
+                              "loss_seg": loss_seg.item(), "loss_kd": None if loss_kd is None else loss_kd.item(),
+                              "time": time.time()}
+                    history.append(record)
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}")
+            # evaluate
+            miou = None
+            if val_ids:
+                result = evaluate(model, val_cache, val_ids, data_config=config.data, class_names=class_names,
+                                  device=device)
+                miou = result.miou
+                record = {"epoch": epoch, "step": step, "val_miou": miou}
+                history.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            # checkpoint
+            checkpoint = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "history": history,
+                "model_config": asdict(mconfig), "train_config": asdict(config), "class_names": list(class_names),
+                "teacher": teacher_of(provenance), "best_miou": max(best, miou if miou is not None else -1.0),
+            }
+            torch.save(checkpoint, out / "last.pt")
+            if miou is not None and miou > best:
+                best = miou
+                torch.save(checkpoint, out / "best.pt")
+    log.close()
+    plot_curves(history, out / "curves.png")
+    return {"out": str(out), "epochs": config.epochs, "steps": step, "best_val_miou": best if best >= 0 else None,
+            "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training losses against steps and validation mIoU against epochs, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [h for h in history if "loss" in h]
+    if steps:
+        left.plot([h["step"] for h in steps], [h["loss_seg"] for h in steps], label="segmentation (CE)")
+        kd = [h for h in steps if h["loss_kd"] is not None]
+        if kd:
+            left.plot([h["step"] for h in kd], [h["loss_kd"] for h in kd], label="KD (-cos)")
+    left.set_xlabel("step"), left.set_title("training loss"), left.legend()
+    val = [h for h in history if "val_miou" in h]
+    right.plot([h["epoch"] + 1 for h in val], [h["val_miou"] for h in val], marker="o")
+    right.set_xlabel("epoch"), right.set_title("validation mIoU"), right.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
