@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from .adapt import adapt
 from .bench import app as bench_app
 from .demo import demo
 from .train import evaluate, train
@@ -14,3 +15,4 @@ app.add_typer(bench_app, name="bench")
 app.command()(demo)
 app.command()(train)
 app.command("eval")(evaluate)
+app.command()(adapt)

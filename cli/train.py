@@ -19,12 +19,15 @@ console = Console()
 def train(
     cache: CacheOpt,
     out: Annotated[Path, typer.Option(help="run folder: checkpoints, metrics.jsonl, curves.png")] = Path("runs/scannet"),
-    val_cache: Annotated[Optional[Path], typer.Option(help="cache evaluated after every epoch")] = None,
+    val_cache: Annotated[Optional[Path], typer.Option(help="cache evaluated after every epoch (default: CACHE's val split)")] = None,
     epochs: Annotated[int, typer.Option(help="training epochs")] = 100,
     batch_size: Annotated[int, typer.Option(help="scenes per batch")] = 8,
     voxel: Annotated[float, typer.Option(help="voxel size in metres (paper: 0.04)")] = 0.04,
     no_kd: Annotated[bool, typer.Option("--no-kd", help="Source-Only: no kd_head, no KD loss")] = False,
     model: Annotated[str, typer.Option(help="minkunet34c (paper) or small (CPU)")] = "minkunet34c",
+    split: Annotated[str, typer.Option(help="split of the cache to train on (all scenes if it has none)")] = "train",
+    val_split: Annotated[str, typer.Option(help="split evaluated after every epoch")] = "val",
+    bn_momentum: Annotated[float, typer.Option(help="BN running-stat momentum (0.01; raise for short runs)")] = 0.01,
     lr: Annotated[float, typer.Option(help="OneCycle max learning rate (paper: 0.005)")] = 0.005,
     workers: Annotated[int, typer.Option(help="data-loading worker processes")] = 2,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -38,7 +41,8 @@ def train(
     from tttkd.train import TrainConfig, train as run
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, max_lr=lr, use_kd=not no_kd, model=model,
-                         seed=seed, workers=workers, data=replace(DataConfig(), voxel_size_m=voxel))
+                         split=split, val_split=val_split, bn_momentum=bn_momentum, seed=seed, workers=workers,
+                         data=replace(DataConfig(), voxel_size_m=voxel))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         summary = run(cache, out, config, val_cache=val_cache, device=device, resume=resume)
@@ -52,6 +56,7 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint (last.pt / best.pt)")],
     cache: CacheOpt,
     export_ply: Annotated[Optional[Path], typer.Option(help="write one PLY per scene coloured by class")] = None,
+    split: Annotated[Optional[str], typer.Option(help="only the scenes of this split (default: all)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON result (default: next to the checkpoint)")] = None,
     device: DeviceOpt = None,
 ):
@@ -69,7 +74,7 @@ def evaluate(
         model = model_from_checkpoint(state, device=device)
         data = state["train_config"]["data"]
         data_config = DataConfig(voxel_size_m=data["voxel_size_m"], input_features=data["input_features"])
-        scene_ids = FeatureCache(cache).scene_ids()
+        scene_ids = FeatureCache(cache).scene_ids(split=split)
         result = run(model, cache, scene_ids, data_config=data_config, class_names=state["class_names"],
                      device=device, export_dir=export_ply)
     except (OSError, ValueError, KeyError) as e:

@@ -10,7 +10,8 @@ Layout (read it with plain `zarr`; nothing here is pickled):
         color       (N, 3)  uint8     RGB
         normal      (N, 3)  float16   unit normals (zero where unknown)
         label       (N,)    int16     class index, -1 = ignore
-        seen_index  (M,)    int32     sorted indices of the points seen by at least one view
+        seen_index  (M,)    int32     indices of the points seen by at least one view, in a random
+                                      order: any contiguous block of rows is a uniform sample
         feature     (M, D)  float16   mean over views of the L2-normalised teacher features
         view_count  (M,)    uint16    number of views that saw each point
 
@@ -40,7 +41,7 @@ from .scene import Scene, check_scene_id
 
 FORMAT_VERSION = 1
 POINT_CHUNK = 1 << 17  # rows per chunk of per-point arrays: ~1.5 MB of coord
-FEATURE_CHUNK_BYTES = 8 << 20
+FEATURE_CHUNK_BYTES = 4 << 20  # 2048 rows of ViT-L features: a KD window touches few chunks
 # provenance keys that must agree for two runs to write into one store
 IDENTITY_KEYS = ("teacher", "weights_sha256", "image_scale", "feature_dim", "feature_dtype",
                  "stride", "projection", "dataset")
@@ -173,6 +174,16 @@ class FeatureCache:
         if len(rows):
             out[order] = group["feature"].get_orthogonal_selection((rows[order], slice(None)))
         return out
+
+    def read_feature_window(self, scene_id: str, start: int, length: int) -> np.ndarray:
+        """Rows start .. start + length of `feature`, wrapping around the end: (length, D) float16."""
+        feature = self._complete_group(scene_id)["feature"]
+        rows = feature.shape[0]
+        assert 0 <= start < rows and 0 < length <= rows
+        end = start + length
+        if end <= rows:
+            return feature[start:end]
+        return np.concatenate([feature[start:], feature[: end - rows]])
 
     def _complete_group(self, scene_id: str):
         group = self.root["scenes"].get(check_scene_id(scene_id))

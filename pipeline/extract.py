@@ -128,7 +128,11 @@ def extract_scene(reader: DatasetReader, scene_id: str, *, teacher: Teacher, con
                         uv = torch.from_numpy(projection.uv).to(device)
                         feature_sum.index_add_(0, index, sample_features(grid, uv, stride=teacher.stride))
                         view_count[index] += 1
-        seen = torch.nonzero(view_count).squeeze(1)
+        # seen points in a random (seeded) order: any contiguous block of rows is then a uniform
+        # sample of the scene, so a trainer sampling KD targets reads a few chunks, not all of them
+        seen = torch.nonzero(view_count).squeeze(1).cpu()
+        order = np.random.default_rng([config.seed, zlib.crc32(scene_id.encode())]).permutation(len(seen))
+        seen = seen[torch.from_numpy(order)].to(device)
         counts = view_count[seen]
         mean = feature_sum[seen] / counts[:, None].float()
         cache.write_scene(

@@ -27,3 +27,17 @@ def read_split(dataset: str, split: str, *, root: Path) -> list[str]:
         f"no split list {name!r} in {root} or {manifest_dir(dataset)}: put the official list in the "
         "dataset root, or choose scenes with --scenes"
     )
+
+
+def shared_classes(source: str, target: str) -> list[tuple[str, str]]:
+    """(name in source, name in target) of each class scored when a `source` model meets `target`
+    data (paper Table 5). Datasets of one label space share all their classes."""
+    if source == target:
+        return [(n, n) for n in load_classes(source)["names"]]
+    pairs = json.loads((manifest_dir("") / "shared_classes.json").read_text())["pairs"]
+    for pair in pairs:
+        if pair["datasets"] == [source, target]:
+            return [tuple(c) for c in pair["classes"]]
+        if pair["datasets"] == [target, source]:
+            return [(t, s) for s, t in pair["classes"]]
+    raise ValueError(f"no shared-class map for {source} -> {target} in data_manifests/shared_classes.json")

@@ -25,3 +25,17 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def synth_cache(synth_root, tmp_path_factory) -> Path:
+    """The three embedded scenes extracted with the EfficientNet-Lite0 teacher."""
+    from tttkd.pipeline.extract import PrepConfig
+    from tttkd.pipeline.job import run_extraction
+
+    store = tmp_path_factory.mktemp("cache") / "synth_a.zarr"
+    config = PrepConfig(dataset="scannet", root=synth_root, teacher="efficientnet_lite0", batch_size=4)
+    report = run_extraction(config, out=store, scene_ids=["scene0000_00", "scene0001_00", "scene0002_00"],
+                            workers=1, device="cpu", progress=False)
+    assert not report.failed, report.failed
+    return store

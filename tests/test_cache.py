@@ -98,7 +98,7 @@ def test_two_worker_dask_run_writes_one_store_and_resumes(synth_root, tmp_path):
         # a mean of unit vectors: at most 1, exactly 1 where a single view saw the point
         assert norms.max() <= 1.01
         np.testing.assert_allclose(norms[s.view_count == 1], 1.0, atol=2e-3)
-        assert np.all(np.diff(s.seen_index) > 0)
+        assert len(np.unique(s.seen_index)) == len(s.seen_index) and np.any(np.diff(s.seen_index) < 0)
 
     # an interrupted rerun: drop one scene's completion flag; only that scene is redone
     zarr.open_group(store / "scenes" / "scene0001_00", mode="r+").attrs["complete"] = False

@@ -36,9 +36,11 @@ def bench_train(cache_path, config: TrainConfig, *, steps: int = 20, warmup: int
     waits, computes, voxels, epoch = [], [], [], 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    loader_all, sampler = make_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
+                                      seed=config.seed)
     while len(computes) < steps + warmup:
-        loader = iter(make_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
-                                  seed=config.seed, epoch=epoch))
+        sampler.set_epoch(epoch)
+        loader = iter(loader_all)
         epoch += 1
         while len(computes) < steps + warmup:
             start = time.perf_counter()

@@ -85,8 +85,8 @@ def input_features(points: PointSet, kind: str) -> np.ndarray:
 
 
 class CacheDataset(torch.utils.data.Dataset):
-    """Training samples from a feature cache. Deterministic for (seed, epoch, index): set `epoch`
-    before each epoch; workers are re-created per epoch and receive it."""
+    """Training samples from a feature cache, indexed by (epoch, index) (see EpochSampler); a
+    sample is a function of (seed, epoch, index) only."""
 
     def __init__(self, cache_path: Path, scene_ids: list[str], config: DataConfig, *, train: bool, seed: int = 0):
         self.cache_path = Path(cache_path)
@@ -106,8 +106,9 @@ class CacheDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.scene_ids)
 
-    def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def __getitem__(self, item: tuple[int, int] | int) -> dict:
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
+        rng = np.random.default_rng([self.seed, epoch, index])
         aug = self.config.augment if self.train else NO_AUGMENTATION
         ids = [self.scene_ids[index]]
         points = augment(point_set(self.cache.read_points(ids[0])), aug, rng)
@@ -116,14 +117,62 @@ class CacheDataset(torch.utils.data.Dataset):
             points = mix3d(points, augment(point_set(self.cache.read_points(ids[1])), aug, rng))
         grid, representative, _ = voxelize(points.coord, self.config.voxel_size_m, rng if self.train else None)
         voxels = points.take(representative)
-        candidates = np.flatnonzero(voxels.seen_row >= 0)
-        kd_voxel = np.sort(rng.choice(candidates, size=min(self.config.kd_points, len(candidates)), replace=False))
-        kd_target = np.empty((len(kd_voxel), self.cache.provenance["feature_dim"]), np.float32)
-        for source, scene_id in enumerate(ids):
-            mine = voxels.source[kd_voxel] == source
-            kd_target[mine] = self.cache.read_features(scene_id, voxels.seen_row[kd_voxel[mine]])
+        kd_voxel, kd_target = sample_kd_targets(self.cache, ids, voxels, self.config.kd_points, rng)
         return {"grid_coord": grid, "features": input_features(voxels, self.config.input_features),
-                "label": voxels.label, "kd_voxel": kd_voxel, "kd_target": kd_target}
+                "label": voxels.label, "kd_voxel": kd_voxel, "kd_target": kd_target,
+                # where each KD target came from (scene of the pair, row of its cached features)
+                "kd_source": voxels.source[kd_voxel], "kd_row": voxels.seen_row[kd_voxel]}
+
+
+def sample_kd_targets(cache: FeatureCache, ids: list[str], voxels: PointSet, kd_points: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `kd_points` voxels with cached features -> (sorted voxel indices (K,), targets (K, D)).
+
+    The cache stores each scene's seen points in a random order, so a random window of rows is a
+    uniform sample of them: read a window just large enough to hold ~1.5x the budget among this
+    sample's voxels (a few chunks) instead of the scene's whole feature array.
+    """
+    candidates = np.flatnonzero(voxels.seen_row >= 0)
+    budget = np.bincount(voxels.source[candidates], minlength=len(ids)) * min(1.0, kd_points / max(1, len(candidates)))
+    chosen, targets = [], []
+    for source, scene_id in enumerate(ids):
+        mine = candidates[voxels.source[candidates] == source]
+        want = int(round(budget[source]))
+        if want == 0:
+            continue
+        rows = cache.scene_attrs(scene_id)["num_seen"]
+        window = min(rows, int(np.ceil(1.5 * want * rows / len(mine))))
+        start = int(rng.integers(rows))
+        offset = (voxels.seen_row[mine] - start) % rows  # position of each candidate in the window
+        inside = offset < window
+        pick = rng.choice(np.flatnonzero(inside), size=min(want, int(inside.sum())), replace=False)
+        block = cache.read_feature_window(scene_id, start, window)
+        chosen.append(mine[pick])
+        targets.append(block[offset[pick]].astype(np.float32))
+    if not chosen:
+        return np.zeros(0, np.int64), np.zeros((0, cache.provenance["feature_dim"]), np.float32)
+    kd_voxel, kd_target = np.concatenate(chosen), np.concatenate(targets)
+    order = np.argsort(kd_voxel)
+    return kd_voxel[order], kd_target[order]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) pairs, so persistent workers build each sample from (seed, epoch,
+    index) alone: the data do not depend on which worker runs them, and resume is exact."""
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int):
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle
+                 else np.arange(self.size))
+        return iter([(self.epoch, int(i)) for i in order])
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def collate(samples: list[dict]) -> Batch:
@@ -141,16 +190,17 @@ def collate(samples: list[dict]) -> Batch:
     )
 
 
-def make_loader(dataset: CacheDataset, *, batch_size: int, shuffle: bool, workers: int, seed: int,
-                epoch: int = 0) -> torch.utils.data.DataLoader:
-    """A loader for one epoch. Workers prefetch (2 batches each) while the model trains."""
-    dataset.epoch = epoch
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
-        generator=generator, drop_last=False, persistent_workers=False,
-        prefetch_factor=2 if workers > 0 else None, pin_memory=torch.cuda.is_available(),
+def make_loader(dataset: CacheDataset, *, batch_size: int, shuffle: bool, workers: int, seed: int
+                ) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    """A loader for all epochs (call `sampler.set_epoch` before each). Workers persist across
+    epochs (starting one costs seconds: torch, spconv, zarr) and prefetch 2 batches each."""
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
     )
+    return loader, sampler
 
 
 @dataclass

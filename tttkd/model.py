@@ -22,9 +22,17 @@ from torch import nn
 
 
 def _spconv():
-    # spconv takes ~5 s to import: load it when a model is built, not when tttkd is imported
-    import spconv.pytorch as spconv
-    from spconv.core import ConvAlgo
+    # spconv takes ~5 s to import: load it when a model is built, not when tttkd is imported.
+    # Its import warns about deprecated torch.cuda.amp decorators and trips a torch.fx log line:
+    # noise for users, nothing they can act on.
+    import logging
+    import warnings
+
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import spconv.pytorch as spconv
+        from spconv.core import ConvAlgo
 
     return spconv, ConvAlgo
 

@@ -40,12 +40,24 @@ class TrainConfig:
     use_kd: bool = True
     """False trains the Source-Only model: no kd_head, no KD loss."""
     model: str = "minkunet34c"
+    bn_momentum: float = 0.01
+    """Backbone BN running-statistics momentum (Pointcept: 0.01); raise it for runs of few steps,
+    whose running statistics would otherwise stay near their initial values."""
+    split: str | None = "train"
+    """Scenes of the cache to train on (None: every complete scene)."""
+    val_split: str | None = "val"
     seed: int = 0
     workers: int = 2
     amp: bool = True
     """fp16 autocast with loss scaling on CUDA (ignored on CPU)."""
     log_every: int = 10
     data: DataConfig = field(default_factory=DataConfig)
+
+
+def split_scene_ids(cache: FeatureCache, split: str | None) -> list[str]:
+    """Complete scenes of `split`; every complete scene if the cache records no such split (a
+    cache extracted with --scenes has none)."""
+    return (cache.scene_ids(split=split) if split else []) or cache.scene_ids()
 
 
 def seed_everything(seed: int) -> None:
@@ -84,14 +96,18 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
     cache = FeatureCache(cache_path)
     provenance = cache.provenance
     class_names = provenance["class_names"]
-    scene_ids = cache.scene_ids()
+    scene_ids = split_scene_ids(cache, config.split)
     if not scene_ids:
         raise ValueError(f"{cache_path}: no complete scenes to train on")
-    val_ids = FeatureCache(val_cache).scene_ids() if val_cache else []
+    if val_cache:  # another cache (e.g. another domain): its val split, or all of it
+        val_ids = split_scene_ids(FeatureCache(val_cache), config.val_split)
+    else:  # the training cache's own val split, if it has one
+        val_cache, val_ids = cache_path, cache.scene_ids(split=config.val_split) if config.val_split else []
 
     seed_everything(config.seed)
     mconfig = model_config(config.model, in_channels=in_channels(config.data.input_features),
-                           num_classes=len(class_names), kd_dim=provenance["feature_dim"] if config.use_kd else None)
+                           num_classes=len(class_names), kd_dim=provenance["feature_dim"] if config.use_kd else None,
+                           bn_momentum=config.bn_momentum)
     model = build_model(mconfig, device=device)
     dataset = CacheDataset(cache_path, scene_ids, config.data, train=True, seed=config.seed)
     steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
@@ -109,13 +125,14 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
         start_epoch, step, best, history = (checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best_miou"],
                                             checkpoint["history"])
     log = open(out / "metrics.jsonl", "a")
+    loader, sampler = make_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
+                                  seed=config.seed)
 
     with Progress(disable=not progress) as bar:
         for epoch in range(start_epoch, config.epochs):
             model.train()
             task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch)
-            loader = make_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
-                                 seed=config.seed, epoch=epoch)
+            sampler.set_epoch(epoch)
             for batch in loader:
                 # batch
                 batch = batch.to(device)
@@ -154,7 +171,7 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "history": history,
                 "model_config": asdict(mconfig), "train_config": asdict(config), "class_names": list(class_names),
-                "teacher": teacher_of(provenance), "best_miou": max(best, miou if miou is not None else -1.0),
+                "teacher": teacher_of(provenance), "dataset": provenance.get("dataset"), "best_miou": max(best, miou if miou is not None else -1.0),
             }
             torch.save(checkpoint, out / "last.pt")
             if miou is not None and miou > best:

@@ -1,0 +1,75 @@
+"""`tttkd adapt`: test-time training (and the baselines) on every target scene, and the results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+from .options import DeviceOpt, fail
+
+console = Console()
+
+
+def resolve(source: str, target: str, *, checkpoint: Optional[Path], cache: Optional[Path]) -> tuple[Path, Path]:
+    """--source/--target name datasets: runs/<source>/last.pt and ./zarr/<target> unless overridden."""
+    return checkpoint or Path("runs") / source / "last.pt", cache or Path("zarr") / target
+
+
+def adapt(
+    source: Annotated[str, typer.Option(help="source dataset: its model is runs/<source>/last.pt")],
+    target: Annotated[str, typer.Option(help="target dataset: its cache is ./zarr/<target>")],
+    steps: Annotated[int, typer.Option(help="TTT steps per scene and rotation (paper: 100)")] = 100,
+    method: Annotated[str, typer.Option(help="ttt-kd, ttt-kd-o, tent, dua, adacontrast, none, or all")] = "all",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Joint-Train checkpoint (default runs/<source>/last.pt)")] = None,
+    source_only: Annotated[Optional[Path], typer.Option(help="Source-Only checkpoint (trained with --no-kd)")] = None,
+    oracle: Annotated[Optional[Path], typer.Option(help="checkpoint trained on the target, for the Oracle row")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="target feature cache (default ./zarr/<target>)")] = None,
+    split: Annotated[Optional[str], typer.Option(help="target scenes of this split (default: all)")] = None,
+    lr: Annotated[float, typer.Option(help="TTT SGD learning rate (paper: 1.0)")] = 1.0,
+    rotations: Annotated[int, typer.Option(help="rotations about up in the ensemble (paper: 8)")] = 8,
+    stride: Annotated[int, typer.Option(help="TTT-KD-O: update every s-th scene")] = 1,
+    kd_points: Annotated[int, typer.Option(help="KD targets per TTT step (paper: 16384)")] = 16384,
+    out: Annotated[Optional[Path], typer.Option(help="results folder (default results/<source>-to-<target>)")] = None,
+    export_ply: Annotated[bool, typer.Option(help="write per-scene predictions as PLY")] = False,
+    device: DeviceOpt = None,
+):
+    """Adapt a trained model to each target scene, predict, and compare with the baselines."""
+    import torch
+
+    from tttkd.adapt import AdaptConfig
+    from tttkd.experiment import METHODS, plan_rows, run_method, write_results
+    from tttkd.pipeline.cache import FeatureCache
+
+    joint, cache = resolve(source, target, checkpoint=checkpoint, cache=cache)
+    out = out or Path("results") / f"{source}-to-{target}"
+    console.print(f"source model {joint}; target cache {cache}; results -> {out}")
+    methods = list(METHODS) if method == "all" else [method]
+    if any(m not in METHODS for m in methods):
+        fail(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or all")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = AdaptConfig(steps=steps, lr=lr, rotations=rotations, stride=stride, kd_points=kd_points)
+    try:
+        for path in filter(None, (joint, source_only, oracle)):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no checkpoint here (train one with `tttkd train`)")
+        scene_ids = FeatureCache(cache).scene_ids(split=split)
+        if not scene_ids:
+            raise ValueError(f"{cache}: no complete scenes{f' of split {split}' if split else ''}")
+        results = []
+        with Progress(console=console) as bar:
+            for row, name, ckpt in plan_rows(joint=joint, source_only=source_only, oracle=oracle, methods=methods):
+                task = bar.add_task(row, total=len(scene_ids))
+                results.append(run_method(row, name, ckpt, cache, scene_ids, config=config, device=device,
+                                          export_dir=out / "ply" if export_ply else None,
+                                          progress=lambda _: bar.advance(task)))
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    table = write_results(results, out, title=f"{source} -> {target} ({len(scene_ids)} scenes)", config=config,
+                          setup={"source": source, "target": target, "checkpoint": str(joint),
+                                 "source_only": str(source_only), "oracle": str(oracle), "cache": str(cache)})
+    console.print(table)
+    console.print(f"wrote {out}/results.md, results.json" + (", miou_vs_steps.png" if "ttt-kd" in methods else ""))

@@ -1,0 +1,204 @@
+"""Joint training: losses, schedule, overfitting, resume, Source-Only, teacher checks, evaluation."""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from tttkd.augment import NO_AUGMENTATION
+from tttkd.checkpoint import TeacherMismatchError, load_checkpoint
+from tttkd.cli.main import app
+from tttkd.data import CacheDataset, DataConfig, collate
+from tttkd.evaluate import evaluate
+from tttkd.loss import kd_loss, segmentation_loss
+from tttkd.metrics import confusion_matrix, iou_per_class, mean_iou
+from tttkd.model import build_model, model_config
+from tttkd.pipeline import cache as cache_module
+from tttkd.pipeline.cache import FeatureCache
+from tttkd.train import TrainConfig, batch_losses, make_optimizer, train
+
+FAST = DataConfig(voxel_size_m=0.1, kd_points=256, augment=NO_AUGMENTATION)
+
+
+def test_kd_loss_is_the_mean_negative_cosine_against_the_unnormalised_target():
+    prediction, target = torch.randn(5, 7), torch.randn(5, 7) * 0.3
+    expected = -np.mean([float(p @ t / p.norm()) for p, t in zip(prediction, target)])
+    assert kd_loss(prediction, target).item() == pytest.approx(expected, rel=1e-5)
+    # for unit targets it is exactly the mean negative cosine similarity
+    unit = F.normalize(target, dim=1)
+    assert kd_loss(prediction, unit).item() == pytest.approx(-F.cosine_similarity(prediction, unit).mean().item(), rel=1e-5)
+
+
+def test_segmentation_loss_smooths_labels_by_0_2_and_ignores_minus_one():
+    logits = torch.randn(6, 4)
+    label = torch.tensor([0, 1, -1, 3, 2, -1])
+    valid = label >= 0
+    log_p = logits[valid].log_softmax(1)
+    target = torch.full((4, 4), 0.2 / 4) + 0.8 * F.one_hot(label[valid], 4)
+    expected = -(target * log_p).sum(1).mean()
+    assert TrainConfig().label_smoothing == 0.2
+    assert segmentation_loss(logits, label).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_one_cycle_schedule_has_the_papers_values():
+    model = torch.nn.Linear(2, 2)
+    config = TrainConfig()
+    optimizer, scheduler = make_optimizer(model, config, total_steps=100)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["weight_decay"] == 1e-4
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.005 / 10)
+    assert max(lrs) == pytest.approx(0.005, rel=1e-3) and 25 <= int(np.argmax(lrs)) <= 32
+    assert lrs[-1] == pytest.approx(0.005 / 10 / 1000, rel=0.05)
+
+
+def test_miou_on_a_hand_made_prediction():
+    label = np.array([0, 0, 1, 1, 2, -1, -1])
+    prediction = np.array([0, 1, 1, 1, 0, 2, 2])
+    confusion = confusion_matrix(prediction, label, 4)
+    # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; class 2: tp 0 -> 0; class 3: absent
+    np.testing.assert_allclose(iou_per_class(confusion)[:3], [1 / 3, 2 / 3, 0])
+    assert math.isnan(iou_per_class(confusion)[3])
+    assert mean_iou(confusion) == pytest.approx(1 / 3)
+    assert mean_iou(confusion, classes=[0, 1]) == pytest.approx(0.5)
+
+
+def one_scene_batch(synth_cache, config=FAST):
+    return collate([CacheDataset(synth_cache, ["scene0000_00"], config, train=True)[0]])
+
+
+def test_overfitting_one_scene_reaches_0_9_miou(synth_cache):
+    torch.manual_seed(0)
+    data = replace(FAST, voxel_size_m=0.05)
+    batch = one_scene_batch(synth_cache, data)
+    model = build_model(model_config("small", kd_dim=472, num_classes=20, bn_momentum=0.1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.005)
+    config = TrainConfig(data=data)
+    for _ in range(70):
+        model.train()
+        loss, _, _ = batch_losses(model, batch, config)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    names = FeatureCache(synth_cache).provenance["class_names"]
+    result = evaluate(model, synth_cache, ["scene0000_00"], data_config=data, class_names=names, device="cpu")
+    assert result.miou >= 0.9, result.iou
+
+
+def test_kd_loss_falls_on_its_own(synth_cache):
+    torch.manual_seed(0)
+    batch = one_scene_batch(synth_cache)
+    model = build_model(model_config("small", kd_dim=472, num_classes=20))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.003)
+    config = TrainConfig(data=FAST)
+    losses = []
+    for _ in range(25):
+        _, _, loss_kd = batch_losses(model, batch, config)
+        optimizer.zero_grad()
+        loss_kd.backward()  # the KD term alone
+        optimizer.step()
+        losses.append(loss_kd.item())
+    assert losses[-1] < losses[0] - 0.2 and losses[-1] < -0.5
+
+
+def tiny_config(**fields):
+    return TrainConfig(**{**dict(epochs=2, batch_size=2, model="small", workers=0, log_every=1, data=FAST), **fields})
+
+
+def test_persistent_workers_give_the_same_batches_as_the_main_process(synth_cache):
+    from tttkd.data import make_loader
+
+    dataset = CacheDataset(synth_cache, ["scene0000_00", "scene0001_00", "scene0002_00"], replace(FAST, kd_points=64),
+                           train=True)
+    batches = {}
+    for workers in (0, 2):
+        loader, sampler = make_loader(dataset, batch_size=2, shuffle=True, workers=workers, seed=3)
+        batches[workers] = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            batches[workers] += [b.kd_target.sum().item() for b in loader]
+    assert batches[0] == batches[2] and batches[0][:2] != batches[0][2:]
+
+
+def test_resume_reproduces_the_next_steps_exactly(synth_cache, tmp_path, monkeypatch):
+    train(synth_cache, tmp_path / "straight", tiny_config(), progress=False)
+    # the same run, killed when its second epoch starts
+    from tttkd.data import EpochSampler
+
+    real_set_epoch = EpochSampler.set_epoch
+
+    def interrupted(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        real_set_epoch(self, epoch)
+
+    monkeypatch.setattr(EpochSampler, "set_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(synth_cache, tmp_path / "resumed", tiny_config(), progress=False)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
+    monkeypatch.setattr(EpochSampler, "set_epoch", real_set_epoch)
+    train(synth_cache, tmp_path / "resumed", tiny_config(), progress=False, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_source_only_training_has_no_kd_head_and_no_kd_loss(synth_cache, tmp_path):
+    train(synth_cache, tmp_path / "src", tiny_config(epochs=1, use_kd=False), progress=False)
+    checkpoint = load_checkpoint(tmp_path / "src" / "last.pt")
+    assert not any(k.startswith("kd_head") for k in checkpoint["model"])
+    assert checkpoint["model_config"]["kd_dim"] is None
+    records = [json.loads(l) for l in (tmp_path / "src" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("loss_kd") is None for r in records)
+
+
+def test_checkpoint_holds_what_rebuilds_the_run(synth_cache, tmp_path):
+    train(synth_cache, tmp_path / "run", tiny_config(epochs=1), val_cache=synth_cache, progress=False)
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["teacher"]["teacher"] == "efficientnet_lite0" and checkpoint["teacher"]["feature_dim"] == 472
+    assert len(checkpoint["class_names"]) == 20 and checkpoint["train_config"]["max_lr"] == 0.005
+    assert {"optimizer", "scheduler", "scaler"} <= set(checkpoint)
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_trainer_refuses_a_cache_of_another_teacher_dimension(synth_cache, tmp_path):
+    train(synth_cache, tmp_path / "run", tiny_config(epochs=1), progress=False)
+    other = tmp_path / "other.zarr"
+    provenance = {**FeatureCache(synth_cache).provenance, "feature_dim": 384, "teacher": "dinov2_vits14"}
+    cache_module.open_for_writing(other, provenance)
+    scene = FeatureCache(synth_cache).read("scene0000_00")
+    from tttkd.pipeline.scene import Scene
+
+    cache_module.write_scene(other, Scene("scene0000_00", scene.coord, scene.color, scene.normal.astype(np.float32),
+                                          scene.label), seen_index=scene.seen_index,
+                             feature=np.zeros((len(scene.seen_index), 384)), view_count=scene.view_count, attrs={})
+    with pytest.raises(TeacherMismatchError, match="feature_dim=384|teacher='dinov2_vits14'"):
+        train(other, tmp_path / "run", tiny_config(epochs=2), progress=False, resume=True)
+
+
+def test_cli_train_then_eval_with_ply_export(synth_cache, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "cli"
+    result = runner.invoke(app, ["train", "--cache", str(synth_cache), "--out", str(run), "--epochs", "1",
+                                 "--batch-size", "3", "--model", "small", "--voxel", "0.1", "--workers", "0",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", "--checkpoint", str(run / "last.pt"), "--cache", str(synth_cache),
+                                 "--export-ply", str(tmp_path / "ply"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "mIoU" in result.output and len(list((tmp_path / "ply").glob("*.ply"))) == 3
+    record = json.loads((run / "eval-synth_a.zarr.json").read_text())
+    assert 0 <= record["miou"] <= 1 and len(record["confusion"]) == 20
+    result = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--cache", str(synth_cache)])
+    assert result.exit_code == 1 and "missing.pt: no checkpoint here" in result.output

@@ -1,0 +1,172 @@
+"""Test-time adaptation baselines ported to point clouds (paper §4.1), in the shape of adapt.py.
+
+Each is online (it keeps its updates across scenes, as the originals do on a stream of batches)
+and adapts on the voxels of one scene, which is its batch:
+
+  TENT (Wang et al., 2021): batch-norm layers normalise with the scene's own statistics; only
+      their affine parameters train, on the mean entropy of the predictions; Adam, lr 1e-3, one
+      step per scene; predictions after the step.
+  DUA (Mirza et al., 2022): no gradients; batch-norm running statistics are updated from
+      `copies` augmented copies of each scene (rotation, mirror, jitter) with a momentum that
+      decays as 0.1 * 0.94^t down to 0.005; predictions with the updated statistics.
+  AdaContrast (Chen et al., 2022): a momentum (EMA 0.999) teacher of the whole network; pseudo
+      labels from the teacher's predictions on a second augmented view, refined by soft voting of
+      the 10 nearest neighbours in a memory bank of teacher features; loss = CE(pseudo labels)
+      + InfoNCE between student and teacher features of the same points (bank negatives of other
+      pseudo classes, temperature 0.07) + diversity (-entropy of the mean prediction); SGD (lr 1e-4,
+      momentum 0.9) on all parameters with BN on running statistics (one scene is a small
+      batch), one step per scene on 4096 anchor points; predictions by the student.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapt import RotatedScene, TargetScene, rotated
+from .data import DataConfig
+from .model import TTTKDNet
+
+BATCH_NORMS = (nn.BatchNorm1d,)
+
+
+def _batch_norms(model: nn.Module) -> list[nn.BatchNorm1d]:
+    return [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
+
+
+@torch.no_grad()
+def _logits(model: TTTKDNet, rotated_scene: RotatedScene) -> torch.Tensor:
+    return model.seg_head(model.forward_features(rotated_scene.voxels)).float()[rotated_scene.point_to_voxel]
+
+
+class Tent:
+    def __init__(self, model: TTTKDNet, *, lr: float = 1e-3):
+        self.model = model
+        model.train()  # batch statistics in every BN layer
+        model.requires_grad_(False)
+        for bn in _batch_norms(model):
+            bn.requires_grad_(True)
+            bn.track_running_stats = False  # the scene's statistics, never the running ones
+            bn.running_mean, bn.running_var = None, None
+        self.params = [p for bn in _batch_norms(model) for p in bn.parameters()]
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
+        self.updates = 0
+
+    def adapt(self, scene: TargetScene, rotated_scene: RotatedScene, data_config: DataConfig) -> None:
+        with torch.enable_grad():
+            logits = self.model.seg_head(self.model.forward_features(rotated_scene.voxels)).float()
+            entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            entropy.backward()
+            self.optimizer.step()
+        self.updates += 1
+
+    def predict(self, rotated_scene: RotatedScene) -> torch.Tensor:
+        return _logits(self.model, rotated_scene)
+
+
+class Dua:
+    def __init__(self, model: TTTKDNet, *, copies: int = 8, momentum: float = 0.1, decay: float = 0.94,
+                 min_momentum: float = 0.005):
+        self.model = model.eval()
+        self.copies, self.momentum, self.decay, self.min_momentum = copies, momentum, decay, min_momentum
+        self.updates = 0
+
+    @torch.no_grad()
+    def adapt(self, scene: TargetScene, rotated_scene: RotatedScene, data_config: DataConfig) -> None:
+        rng = scene_rng_for(scene, self.updates)
+        for _ in range(self.copies):
+            momentum = max(self.min_momentum, self.momentum * self.decay ** self.updates)
+            for bn in _batch_norms(self.model):
+                bn.momentum = momentum
+            view = rotated(_mirrored_jittered(scene, rng), float(rng.uniform(0, 2 * np.pi)), data_config,
+                           scene.feature.device)
+            self.model.train()
+            self.model.seg_head(self.model.forward_features(view.voxels))
+            self.model.eval()
+            self.updates += 1
+
+    def predict(self, rotated_scene: RotatedScene) -> torch.Tensor:
+        return _logits(self.model.eval(), rotated_scene)
+
+
+def scene_rng_for(scene: TargetScene, salt: int) -> np.random.Generator:
+    import zlib
+
+    return np.random.default_rng([zlib.crc32(scene.scene_id.encode()), salt])
+
+
+def _mirrored_jittered(scene: TargetScene, rng: np.random.Generator) -> TargetScene:
+    from dataclasses import replace
+
+    flip = np.where(rng.random(3) < 0.5, -1.0, 1.0).astype(np.float32)
+    flip[2] = 1.0
+    p = scene.points
+    coord = p.coord * flip + np.clip(rng.normal(0, 0.005, p.coord.shape), -0.02, 0.02).astype(np.float32)
+    return replace(scene, points=replace(p, coord=coord.astype(np.float32), normal=p.normal * flip))
+
+
+class AdaContrast:
+    def __init__(self, model: TTTKDNet, *, lr: float = 1e-4, ema: float = 0.999, bank_size: int = 16384,
+                 neighbours: int = 10, temperature: float = 0.07, anchors: int = 4096,
+                 contrast_weight: float = 1.0, diversity_weight: float = 1.0):
+        self.model = model.eval()  # BN on running statistics: one scene is too small a batch
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        self.ema, self.neighbours, self.temperature, self.anchors = ema, neighbours, temperature, anchors
+        self.contrast_weight, self.diversity_weight = contrast_weight, diversity_weight
+        dim = model.backbone.out_channels
+        classes = model.config.num_classes
+        self.bank_features = torch.zeros(0, dim)
+        self.bank_probs = torch.zeros(0, classes)
+        self.bank_size = bank_size
+        self.updates = 0
+
+    def adapt(self, scene: TargetScene, rotated_scene: RotatedScene, data_config: DataConfig) -> None:
+        device = scene.feature.device
+        rng = scene_rng_for(scene, 10_000 + self.updates)
+        strong = rotated(_mirrored_jittered(scene, rng), float(rng.uniform(0, 2 * np.pi)), data_config, device)
+        points = torch.from_numpy(rng.choice(len(scene.points), size=min(self.anchors, len(scene.points)),
+                                             replace=False)).to(device)
+        with torch.no_grad():  # the teacher's view: pseudo labels and keys
+            t_features = self.teacher.forward_features(rotated_scene.voxels)[rotated_scene.point_to_voxel[points]]
+            t_probs = self.teacher.seg_head(t_features).float().softmax(1)
+            keys = F.normalize(t_features.float(), dim=1)
+            bank_f, bank_p = self.bank_features.to(device), self.bank_probs.to(device)
+            if len(bank_f) >= self.neighbours:  # refine by soft voting of the nearest bank features
+                nearest = (keys @ bank_f.T).topk(self.neighbours, dim=1).indices
+                pseudo = bank_p[nearest].mean(1).argmax(1)
+            else:
+                pseudo = t_probs.argmax(1)
+        self.model.requires_grad_(True)
+        with torch.enable_grad():
+            s_features = self.model.forward_features(strong.voxels)[strong.point_to_voxel[points]]
+            logits = self.model.seg_head(s_features).float()
+            loss = F.cross_entropy(logits, pseudo)
+            queries = F.normalize(s_features.float(), dim=1)
+            positive = (queries * keys).sum(1, keepdim=True)
+            if len(bank_f):
+                negatives = queries @ bank_f.T
+                same_class = bank_p.argmax(1)[None, :] == pseudo[:, None]
+                negatives = negatives.masked_fill(same_class, float("-inf"))
+                contrast_logits = torch.cat([positive, negatives], 1) / self.temperature
+                loss = loss + self.contrast_weight * F.cross_entropy(
+                    contrast_logits, torch.zeros(len(points), dtype=torch.long, device=device))
+            mean_prob = logits.softmax(1).mean(0)
+            loss = loss + self.diversity_weight * (mean_prob * mean_prob.clamp_min(1e-8).log()).sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        with torch.no_grad():  # momentum teacher and memory bank
+            for t, s in zip(self.teacher.parameters(), self.model.parameters()):
+                t.mul_(self.ema).add_(s.detach(), alpha=1 - self.ema)
+            self.bank_features = torch.cat([keys.cpu(), self.bank_features])[: self.bank_size]
+            self.bank_probs = torch.cat([t_probs.cpu(), self.bank_probs])[: self.bank_size]
+        self.updates += 1
+
+    def predict(self, rotated_scene: RotatedScene) -> torch.Tensor:
+        return _logits(self.model, rotated_scene)

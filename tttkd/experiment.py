@@ -1,0 +1,176 @@
+"""The domain-shift experiment: adapt a trained model to every target scene with one method,
+score on the classes source and target share, and write the paper's results table.
+
+Rows (paper Tables 1-3): Oracle (a model trained on the target, no adaptation), Source-Only
+(trained without KD), Joint-Train (trained with KD, no adaptation), TENT, DUA, AdaContrast (applied
+to the Source-Only model when one is given, else to the Joint-Train model), TTT-KD-O and TTT-KD
+(Joint-Train model). Every row predicts with the same rotation ensemble.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tttkd.pipeline.cache import FeatureCache
+from tttkd.pipeline.manifests import shared_classes
+
+from .adapt import AdaptConfig, TTTKD, load_target_scene, rotated, rotation_angles, ttt_kd_offline
+from .baselines import AdaContrast, Dua, Tent
+from .checkpoint import check_teacher, load_checkpoint, model_from_checkpoint
+from .data import DataConfig
+from .evaluate import export_ply
+from .metrics import SharedLabels, iou_per_class, mean_iou
+
+METHODS = ("none", "tent", "dua", "adacontrast", "ttt-kd-o", "ttt-kd")
+ROWS = ("Oracle", "Source-Only", "Joint-Train", "TENT", "DUA", "AdaContrast", "TTT-KD-O", "TTT-KD")
+
+
+@dataclass
+class MethodResult:
+    row: str
+    method: str
+    checkpoint: str
+    miou: float
+    iou: dict[str, float]
+    per_scene_miou: dict[str, float]
+    updates: int
+    seconds: float
+    miou_by_step: dict[int, float] = field(default_factory=dict)
+    kd_loss_by_step: list[float] = field(default_factory=list)
+
+
+def record_steps_for(steps: int) -> list[int]:
+    """Step counts at which offline TTT-KD is scored in one run (for the mIoU-vs-steps curve)."""
+    return sorted({s for s in (0, 1, 2, 5, 10, 25, 50, 100, 200) if s <= steps} | {steps})
+
+
+def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, scene_ids: list[str], *,
+               config: AdaptConfig, device, export_dir: Path | None = None, progress=None) -> MethodResult:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    start = time.perf_counter()
+    checkpoint = load_checkpoint(checkpoint_path)
+    cache = FeatureCache(cache_path)
+    provenance = cache.provenance
+    if method in ("ttt-kd", "ttt-kd-o"):
+        check_teacher(checkpoint["teacher"], provenance, cache_path=cache_path)
+    model = model_from_checkpoint(checkpoint, device=device)
+    data = checkpoint["train_config"]["data"]
+    data_config = DataConfig(voxel_size_m=data["voxel_size_m"], input_features=data["input_features"])
+    source_names, target_names = checkpoint["class_names"], provenance["class_names"]
+    labels = SharedLabels(source_names, target_names, shared_classes(checkpoint.get("dataset") or "scannet",
+                                                                     provenance["dataset"]))
+    steps = record_steps_for(config.steps) if method == "ttt-kd" else [0]
+    confusion = {s: 0 for s in steps}
+    per_scene, kd_losses = {}, []
+    adapter = {"none": None, "ttt-kd": TTTKD, "ttt-kd-o": TTTKD, "tent": Tent, "dua": Dua, "adacontrast": AdaContrast}[method]
+    if adapter is TTTKD:
+        adapter = TTTKD(model, config)
+    elif adapter is not None:
+        adapter = adapter(model)
+    for index, scene_id in enumerate(scene_ids):
+        scene = load_target_scene(cache, scene_id, device)
+        if method == "ttt-kd":
+            logits = ttt_kd_offline(adapter, scene, data_config, record_steps=steps,
+                                    kd_losses=kd_losses if index == 0 else None)
+        else:
+            first = rotated(scene, 0.0, data_config, device)
+            if method == "ttt-kd-o" and index % config.stride == 0:
+                rng = np.random.default_rng([config.seed, index])
+                adapter.step(first, *adapter.sample_targets(scene, first, rng))
+            elif method in ("tent", "dua", "adacontrast"):
+                adapter.adapt(scene, first, data_config)
+            predict = adapter.predict if adapter is not None else _plain_predictor(model)
+            total = predict(first)
+            for angle in rotation_angles(config.rotations)[1:]:
+                total = total + predict(rotated(scene, angle, data_config, device))
+            logits = {0: total}
+        label = scene.points.label
+        for s in steps:
+            prediction = logits[s].argmax(1).cpu().numpy()
+            scene_confusion = labels.confusion(prediction, label)
+            confusion[s] = confusion[s] + scene_confusion
+        per_scene[scene_id] = mean_iou(scene_confusion)
+        if export_dir is not None:
+            export_dir.mkdir(parents=True, exist_ok=True)
+            export_ply(export_dir / f"{scene_id}.{method}.ply", scene.points.coord, prediction, len(source_names))
+        if progress is not None:
+            progress(scene_id)
+    final = confusion[steps[-1]]
+    return MethodResult(
+        row=row, method=method, checkpoint=str(checkpoint_path), miou=mean_iou(final),
+        iou={n: float(v) for n, v in zip(labels.names, iou_per_class(final))}, per_scene_miou=per_scene,
+        updates=getattr(adapter, "updates", 0), seconds=time.perf_counter() - start,
+        miou_by_step={s: mean_iou(c) for s, c in confusion.items()} if method == "ttt-kd" else {},
+        kd_loss_by_step=kd_losses)
+
+
+def _plain_predictor(model):
+    from .adapt import configure
+
+    configure(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def predict(rotated_scene):
+        return model.seg_head(model.forward_features(rotated_scene.voxels)).float()[rotated_scene.point_to_voxel]
+
+    return predict
+
+
+def plan_rows(*, joint: Path | None, source_only: Path | None, oracle: Path | None,
+              methods: list[str]) -> list[tuple[str, str, Path]]:
+    """(row, method, checkpoint) of every row the given checkpoints allow, in the paper's order."""
+    tta_base = source_only or joint
+    plan = [("Oracle", "none", oracle), ("Source-Only", "none", source_only), ("Joint-Train", "none", joint),
+            ("TENT", "tent", tta_base), ("DUA", "dua", tta_base), ("AdaContrast", "adacontrast", tta_base),
+            ("TTT-KD-O", "ttt-kd-o", joint), ("TTT-KD", "ttt-kd", joint)]
+    return [(row, method, ckpt) for row, method, ckpt in plan if ckpt is not None and
+            (method in methods or (method == "none" and "none" in methods))]
+
+
+def markdown_table(results: list[MethodResult], *, title: str) -> str:
+    classes = list(results[0].iou) if results else []
+    lines = [f"### {title}", "", "| method | mIoU | " + " | ".join(classes) + " |",
+             "|---|---:|" + "---:|" * len(classes)]
+    for r in results:
+        cells = ["-" if v != v else f"{100 * v:.1f}" for v in r.iou.values()]
+        lines.append(f"| {r.row} | {100 * r.miou:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_steps(result: MethodResult, path: Path, *, baselines: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = sorted(result.miou_by_step)
+    ax.plot(steps, [100 * result.miou_by_step[s] for s in steps], marker="o", label="TTT-KD")
+    for name, value in baselines.items():
+        ax.axhline(100 * value, linestyle="--", linewidth=1, label=name, color=None)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("TTT steps per scene and rotation"), ax.set_ylabel("mIoU (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(results: list[MethodResult], out: Path, *, title: str, config: AdaptConfig, setup: dict) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results, title=title)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps({"title": title, "config": asdict(config), "setup": setup,
+                                                  "results": [asdict(r) for r in results]}, indent=1))
+    ttt = next((r for r in results if r.method == "ttt-kd"), None)
+    if ttt is not None and ttt.miou_by_step:
+        plot_steps(ttt, out / "miou_vs_steps.png",
+                   baselines={r.row: r.miou for r in results if r.method != "ttt-kd"})
+    return table
