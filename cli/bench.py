@@ -102,3 +102,65 @@ def train(
     console.print(table)
     out.write_text(json.dumps(result, indent=1))
     console.print(f"wrote {out}")
+
+
+@app.command("ttt")
+def ttt(
+    sizes: Annotated[str, typer.Option(help="comma-separated voxel counts")] = "25000,100000,400000",
+    model: Annotated[str, typer.Option(help="minkunet34c (paper) or small")] = "minkunet34c",
+    steps: Annotated[int, typer.Option(help="timed steps per size (median reported)")] = 10,
+    kd_points: Annotated[int, typer.Option(help="KD targets per step (paper: 16384)")] = 16384,
+    device: DeviceOpt = None,
+    out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-ttt.json"),
+):
+    """ms per TTT step and peak GPU memory at three scene sizes."""
+    import torch
+
+    from tttkd.bench import bench_ttt
+
+    rows = bench_ttt(tuple(int(s) for s in sizes.split(",")), model=model, steps=steps, kd_points=kd_points,
+                     device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    table = Table(title=f"tttkd bench ttt: {model} on {rows[0]['device']}, {kd_points} KD points")
+    for column in ("voxels", "ms / step", "peak GPU memory (GB)"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r["voxels"]), f"{r['ms_per_step']:.1f}",
+                      "-" if r["peak_gpu_mem_gb"] is None else f"{r['peak_gpu_mem_gb']:.2f}")
+    console.print(table)
+    out.write_text(json.dumps(rows, indent=1))
+    console.print(f"wrote {out}")
+
+
+@app.command("accuracy")
+def accuracy(
+    out: Annotated[Path, typer.Option(help="folder for data, caches, runs and results")] = Path("bench-accuracy"),
+    scenes: Annotated[int, typer.Option(help="rooms per domain (a quarter are the val split)")] = 16,
+    epochs: Annotated[int, typer.Option(help="training epochs per model")] = 20,
+    model: Annotated[str, typer.Option(help="small (CPU) or minkunet34c")] = "small",
+    steps: Annotated[int, typer.Option(help="TTT steps per scene and rotation")] = 20,
+    lr: Annotated[float, typer.Option(help="TTT learning rate")] = 0.1,
+    rotations: Annotated[int, typer.Option(help="rotation ensemble size")] = 2,
+    voxel: Annotated[float, typer.Option(help="voxel size in metres")] = 0.06,
+    workers: Annotated[int, typer.Option(help="Dask and data-loading workers")] = 2,
+    device: DeviceOpt = None,
+):
+    """The embedded domain-shift experiment, both directions, with controls; writes the tables."""
+    from dataclasses import replace
+
+    import torch
+
+    from tttkd.shift import ShiftConfig, run_shift
+
+    config = ShiftConfig(scenes=scenes, workers=workers)
+    config = replace(config, train=replace(config.train, epochs=epochs, model=model,
+                                           data=replace(config.train.data, voxel_size_m=voxel)),
+                     adapt=replace(config.adapt, steps=steps, lr=lr, rotations=rotations))
+    try:
+        tables = run_shift(out, config, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                           log=lambda m: console.print(f"[bold]{m}[/bold]"))
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(str(e))
+    for table in tables.values():
+        console.print(table)
+    (out / "results.md").write_text("\n".join(tables.values()))
+    console.print(f"wrote {out / 'results.md'}")

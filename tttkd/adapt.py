@@ -46,6 +46,9 @@ class AdaptConfig:
     """Rotations about the up axis whose logits are summed (8 indoors, 4 outdoors)."""
     stride: int = 1
     """TTT-KD-O: one update every `stride` scenes (paper Fig. 5)."""
+    shuffle_targets: bool = False
+    """Control: pair each sampled point with another point's teacher feature. Must not help; if it
+    does, the gain comes from the optimisation itself, not from the 2D teacher."""
     seed: int = 0
 
 
@@ -144,9 +147,10 @@ class TTTKD:
 
     def sample_targets(self, scene: TargetScene, rotated_scene: RotatedScene, rng: np.random.Generator):
         rows = rng.choice(len(scene.seen_index), size=min(self.config.kd_points, len(scene.seen_index)), replace=False)
-        rows_t = torch.from_numpy(rows).to(scene.feature.device)
         point = torch.from_numpy(scene.seen_index[rows]).to(scene.feature.device)
-        return rotated_scene.point_to_voxel[point], scene.feature[rows_t]
+        if self.config.shuffle_targets:
+            rows = rng.permutation(rows)
+        return rotated_scene.point_to_voxel[point], scene.feature[torch.from_numpy(rows).to(scene.feature.device)]
 
     @torch.no_grad()
     def predict(self, rotated_scene: RotatedScene) -> torch.Tensor:

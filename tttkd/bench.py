@@ -72,3 +72,46 @@ def bench_train(cache_path, config: TrainConfig, *, steps: int = 20, warmup: int
     }
 
 
+
+
+def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str = "minkunet34c", kd_dim: int = 1024,
+              steps: int = 10, kd_points: int = 16384, device: str = "cuda") -> list[dict]:
+    """ms per TTT step (forward, KD loss, backward, SGD) and peak memory, on flat multi-storey
+    'scans' of about `sizes` voxels (random features: timing does not depend on them)."""
+    from .adapt import AdaptConfig, TTTKD
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    net = build_model(model_config(model, kd_dim=kd_dim, num_classes=20), device=device)
+    adapter = TTTKD(net, AdaptConfig(lr=1.0, kd_points=kd_points))
+    rows = []
+    for size in sizes:
+        side = int((size / 6) ** 0.5)  # six horizontal slabs of side x side voxels, 25 voxels apart
+        xy = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+        grid = torch.cat([torch.cat([xy, torch.full((len(xy), 1), 25 * k)], 1) for k in range(6)]).int().to(device)
+        from .adapt import RotatedScene
+        from .model import sparse_input
+
+        voxels = sparse_input(grid, torch.zeros(len(grid), dtype=torch.int32, device=device),
+                              torch.randn(len(grid), 6, device=device), 1)
+        scene = RotatedScene(voxels, torch.arange(len(grid), device=device))
+        kd_voxel = torch.randint(0, len(grid), (kd_points,), device=device)
+        target = torch.nn.functional.normalize(torch.randn(kd_points, kd_dim, device=device), dim=1)
+        for _ in range(3):  # warm-up: the first steps tune spconv's kernels
+            adapter.step(scene, kd_voxel, target)
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            adapter.step(scene, kd_voxel, target)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        adapter.reset()
+        rows.append({"voxels": len(grid), "ms_per_step": 1e3 * sorted(times)[len(times) // 2],
+                     "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                     "model": model, "kd_points": kd_points, "kd_dim": kd_dim,
+                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")})
+    return rows

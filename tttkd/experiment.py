@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from .evaluate import export_ply
 from .metrics import SharedLabels, iou_per_class, mean_iou
 
 METHODS = ("none", "tent", "dua", "adacontrast", "ttt-kd-o", "ttt-kd")
+CONTROLS = ("ttt-kd-shuffled",)  # TTT-KD with each target paired to a wrong point: must not help
 ROWS = ("Oracle", "Source-Only", "Joint-Train", "TENT", "DUA", "AdaContrast", "TTT-KD-O", "TTT-KD")
 
 
@@ -52,8 +53,10 @@ def record_steps_for(steps: int) -> list[int]:
 
 def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, scene_ids: list[str], *,
                config: AdaptConfig, device, export_dir: Path | None = None, progress=None) -> MethodResult:
-    if method not in METHODS:
+    if method not in METHODS + CONTROLS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "ttt-kd-shuffled":
+        method, config = "ttt-kd", replace(config, shuffle_targets=True)
     start = time.perf_counter()
     checkpoint = load_checkpoint(checkpoint_path)
     cache = FeatureCache(cache_path)
