@@ -4,7 +4,6 @@ and cached-feature rows aligned with their points."""
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 
 from tttkd import augment as A

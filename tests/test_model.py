@@ -1,6 +1,5 @@
 """The 3D network: the sparse backbone against a dense-conv reference, heads, gradients, checkpoints."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

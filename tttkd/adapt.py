@@ -27,9 +27,8 @@ from torch import nn
 
 from tttkd.pipeline.cache import FeatureCache
 
-from .augment import rotation_z
+from .augment import PointSet, rotation_z
 from .data import DataConfig, input_features, voxelize
-from .augment import PointSet
 from .loss import kd_loss
 from .model import TTTKDNet, sparse_input
 
