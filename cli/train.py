@@ -23,6 +23,7 @@ def train(
     epochs: Annotated[int, typer.Option(help="training epochs")] = 100,
     batch_size: Annotated[int, typer.Option(help="scenes per batch")] = 8,
     voxel: Annotated[float, typer.Option(help="voxel size in metres (paper: 0.04)")] = 0.04,
+    input_features: Annotated[str, typer.Option(help="color_normal (6 channels, indoors) or xyz (LiDAR)")] = "color_normal",
     no_kd: Annotated[bool, typer.Option("--no-kd", help="Source-Only: no kd_head, no KD loss")] = False,
     model: Annotated[str, typer.Option(help="minkunet34c (paper) or small (CPU)")] = "minkunet34c",
     split: Annotated[str, typer.Option(help="split of the cache to train on (all scenes if it has none)")] = "train",
@@ -42,7 +43,7 @@ def train(
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, max_lr=lr, use_kd=not no_kd, model=model,
                          split=split, val_split=val_split, bn_momentum=bn_momentum, seed=seed, workers=workers,
-                         data=replace(DataConfig(), voxel_size_m=voxel))
+                         data=replace(DataConfig(), voxel_size_m=voxel, input_features=input_features))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         summary = run(cache, out, config, val_cache=val_cache, device=device, resume=resume)

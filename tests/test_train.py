@@ -162,6 +162,13 @@ def test_source_only_training_has_no_kd_head_and_no_kd_loss(synth_cache, tmp_pat
     assert all(r.get("loss_kd") is None for r in records)
 
 
+def test_xyz_input_builds_a_three_channel_network(synth_cache, tmp_path):
+    train(synth_cache, tmp_path / "xyz", tiny_config(epochs=1, data=replace(FAST, input_features="xyz")), progress=False)
+    checkpoint = load_checkpoint(tmp_path / "xyz" / "last.pt")
+    assert checkpoint["model_config"]["in_channels"] == 3
+    assert checkpoint["model"]["backbone.conv_input.0.weight"].shape[-1] == 3
+
+
 def test_checkpoint_holds_what_rebuilds_the_run(synth_cache, tmp_path):
     train(synth_cache, tmp_path / "run", tiny_config(epochs=1), val_cache=synth_cache, progress=False)
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
