@@ -38,4 +38,4 @@ def demo(
         fail(str(e))
     for table in tables.values():
         console.print(table)
-    console.print(f"results, PLY-free JSON and miou_vs_steps.png under {out / 'results'}; runs under {out / 'runs'}")
+    console.print(f"results.md, results.json and miou_vs_steps.png under {out / 'results'}; checkpoints under {out / 'runs'}")
