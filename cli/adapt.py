@@ -38,11 +38,11 @@ def adapt(
     device: DeviceOpt = None,
 ):
     """Adapt a trained model to each target scene, predict, and compare with the baselines."""
-    import torch
 
     from tttkd.adapt import AdaptConfig
     from tttkd.experiment import METHODS, plan_rows, run_method, write_results
     from tttkd.pipeline.cache import FeatureCache
+    from tttkd.pipeline.job import default_device
 
     joint, cache = resolve(source, target, checkpoint=checkpoint, cache=cache)
     out = out or Path("results") / f"{source}-to-{target}"
@@ -50,7 +50,7 @@ def adapt(
     methods = list(METHODS) if method == "all" else [method]
     if any(m not in METHODS for m in methods):
         fail(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or all")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     config = AdaptConfig(steps=steps, lr=lr, rotations=rotations, stride=stride, kd_points=kd_points)
     try:
         for path in filter(None, (joint, source_only, oracle)):

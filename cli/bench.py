@@ -80,16 +80,16 @@ def train(
     """Training step time and the fraction of it spent waiting on data."""
     from dataclasses import replace
 
-    import torch
 
     from tttkd.bench import bench_train
+    from tttkd.pipeline.job import default_device
     from tttkd.data import DataConfig
     from tttkd.train import TrainConfig
 
     config = TrainConfig(model=model, batch_size=batch_size, workers=workers,
                          data=replace(DataConfig(), voxel_size_m=voxel))
     try:
-        result = bench_train(cache, config, steps=steps, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        result = bench_train(cache, config, steps=steps, device=device or default_device())
     except (OSError, ValueError) as e:
         fail(str(e))
     table = Table(title=f"tttkd bench train: {model} on {result['device']}")
@@ -114,12 +114,12 @@ def ttt(
     out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-ttt.json"),
 ):
     """ms per TTT step and peak GPU memory at three scene sizes."""
-    import torch
 
     from tttkd.bench import bench_ttt
+    from tttkd.pipeline.job import default_device
 
     rows = bench_ttt(tuple(int(s) for s in sizes.split(",")), model=model, steps=steps, kd_points=kd_points,
-                     device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                     device=device or default_device())
     table = Table(title=f"tttkd bench ttt: {model} on {rows[0]['device']}, {kd_points} KD points")
     for column in ("voxels", "ms / step", "peak GPU memory (GB)"):
         table.add_column(column, justify="right")
@@ -147,8 +147,8 @@ def accuracy(
     """The embedded domain-shift experiment, both directions, with controls; writes the tables."""
     from dataclasses import replace
 
-    import torch
 
+    from tttkd.pipeline.job import default_device
     from tttkd.shift import ShiftConfig, run_shift
 
     config = ShiftConfig(scenes=scenes, workers=workers)
@@ -156,7 +156,7 @@ def accuracy(
                                            data=replace(config.train.data, voxel_size_m=voxel)),
                      adapt=replace(config.adapt, steps=steps, lr=lr, rotations=rotations))
     try:
-        tables = run_shift(out, config, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        tables = run_shift(out, config, device=device or default_device(),
                            log=lambda m: console.print(f"[bold]{m}[/bold]"))
     except (OSError, ValueError, RuntimeError) as e:
         fail(str(e))

@@ -36,15 +36,15 @@ def train(
     device: DeviceOpt = None,
 ):
     """Train the 3D network jointly on segmentation and on distilling the cached teacher features."""
-    import torch
 
     from tttkd.data import DataConfig
+    from tttkd.pipeline.job import default_device
     from tttkd.train import TrainConfig, train as run
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, max_lr=lr, use_kd=not no_kd, model=model,
                          split=split, val_split=val_split, bn_momentum=bn_momentum, seed=seed, workers=workers,
                          data=replace(DataConfig(), voxel_size_m=voxel, input_features=input_features))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     try:
         summary = run(cache, out, config, val_cache=val_cache, device=device, resume=resume)
     except (OSError, ValueError) as e:
@@ -62,19 +62,17 @@ def evaluate(
     device: DeviceOpt = None,
 ):
     """mIoU and per-class IoU of a checkpoint on every complete scene of a cache."""
-    import torch
 
-    from tttkd.checkpoint import load_checkpoint, model_from_checkpoint
-    from tttkd.data import DataConfig
+    from tttkd.checkpoint import data_config_of, load_checkpoint, model_from_checkpoint
     from tttkd.evaluate import evaluate as run
     from tttkd.pipeline.cache import FeatureCache
+    from tttkd.pipeline.job import default_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     try:
         state = load_checkpoint(checkpoint)
         model = model_from_checkpoint(state, device=device)
-        data = state["train_config"]["data"]
-        data_config = DataConfig(voxel_size_m=data["voxel_size_m"], input_features=data["input_features"])
+        data_config = data_config_of(state)
         scene_ids = FeatureCache(cache).scene_ids(split=split)
         result = run(model, cache, scene_ids, data_config=data_config, class_names=state["class_names"],
                      device=device, export_dir=export_ply)

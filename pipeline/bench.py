@@ -18,7 +18,8 @@ from .extract import PrepConfig, extract_scene, make_reader, provenance
 from .teacher import decode_image, file_sha256, load_teacher, resolve_weights
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a host clock times it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -34,12 +35,12 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, repe
     batch = torch.stack(images)
     for _ in range(warmup):
         teacher.features(batch)
-    _sync(teacher.device)
+    sync(teacher.device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         teacher.features(batch)
-        _sync(teacher.device)
+        sync(teacher.device)
         times.append(time.perf_counter() - start)
     model_seconds = float(np.median(times))
 
@@ -53,7 +54,7 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, repe
         extract_scene(reader, scene_ids[0], teacher=teacher, config=config, store=store, split=None)  # warm-up
         start = time.perf_counter()
         results = [extract_scene(reader, s, teacher=teacher, config=config, store=store, split=None) for s in scene_ids]
-        _sync(teacher.device)
+        sync(teacher.device)
         e2e_seconds = time.perf_counter() - start
     failed = {r.scene_id: r.reason for r in results if r.status != "done"}
     if failed:

@@ -6,16 +6,12 @@ import time
 
 import torch
 
+from tttkd.pipeline.bench import sync as _sync
 from tttkd.pipeline.cache import FeatureCache
 
 from .data import CacheDataset, in_channels, make_loader
 from .model import build_model, model_config
 from .train import TrainConfig, batch_losses, make_optimizer
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_train(cache_path, config: TrainConfig, *, steps: int = 20, warmup: int = 3, device: str = "cpu") -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .data import DataConfig
 from .model import ModelConfig, TTTKDNet, build_model
 
 TEACHER_KEYS = ("teacher", "weights_sha256", "feature_dim", "image_scale", "stride")
@@ -47,3 +48,9 @@ def model_from_checkpoint(checkpoint: dict, *, device) -> TTTKDNet:
                                        "layers": tuple(config["layers"])}), device=device)
     model.load_state_dict(checkpoint["model"])
     return model
+
+
+def data_config_of(checkpoint: dict) -> DataConfig:
+    """How a checkpoint's model sees a scene at test time: its voxel size and input features."""
+    data = checkpoint["train_config"]["data"]
+    return DataConfig(voxel_size_m=data["voxel_size_m"], input_features=data["input_features"])

@@ -22,8 +22,7 @@ from tttkd.pipeline.manifests import shared_classes
 
 from .adapt import AdaptConfig, TTTKD, load_target_scene, rotated, rotation_angles, ttt_kd_offline
 from .baselines import AdaContrast, Dua, Tent
-from .checkpoint import check_teacher, load_checkpoint, model_from_checkpoint
-from .data import DataConfig
+from .checkpoint import check_teacher, data_config_of, load_checkpoint, model_from_checkpoint
 from .evaluate import export_ply
 from .metrics import SharedLabels, iou_per_class, mean_iou
 
@@ -64,8 +63,7 @@ def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, s
     if method in ("ttt-kd", "ttt-kd-o"):
         check_teacher(checkpoint["teacher"], provenance, cache_path=cache_path)
     model = model_from_checkpoint(checkpoint, device=device)
-    data = checkpoint["train_config"]["data"]
-    data_config = DataConfig(voxel_size_m=data["voxel_size_m"], input_features=data["input_features"])
+    data_config = data_config_of(checkpoint)
     source_names, target_names = checkpoint["class_names"], provenance["class_names"]
     labels = SharedLabels(source_names, target_names, shared_classes(checkpoint.get("dataset") or "scannet",
                                                                      provenance["dataset"]))
