@@ -39,3 +39,17 @@ def synth_cache(synth_root, tmp_path_factory) -> Path:
                             workers=1, device="cpu", progress=False)
     assert not report.failed, report.failed
     return store
+
+
+@pytest.fixture(scope="session")
+def joint_checkpoint(synth_cache, tmp_path_factory) -> Path:
+    """A small model trained jointly for a few steps on the three scenes: enough structure for
+    adaptation to act on."""
+    from tttkd.data import DataConfig
+    from tttkd.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("joint")
+    config = TrainConfig(epochs=2, batch_size=2, model="small", workers=0, bn_momentum=0.1,
+                         data=DataConfig(voxel_size_m=0.1, kd_points=256))
+    train(synth_cache, out, config, progress=False)
+    return out / "last.pt"

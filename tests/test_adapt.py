@@ -16,19 +16,9 @@ from tttkd.experiment import run_method
 from tttkd.metrics import SharedLabels, mean_iou
 from tttkd.pipeline.cache import FeatureCache
 from tttkd.pipeline.manifests import shared_classes
-from tttkd.train import TrainConfig, train
 
 DATA = DataConfig(voxel_size_m=0.1, kd_points=256)
 IDS = ["scene0000_00", "scene0001_00", "scene0002_00"]
-
-
-@pytest.fixture(scope="module")
-def joint_checkpoint(synth_cache, tmp_path_factory):
-    """A small model trained jointly for a few steps: enough structure for adaptation to act on."""
-    out = tmp_path_factory.mktemp("joint")
-    train(synth_cache, out, TrainConfig(epochs=2, batch_size=2, model="small", workers=0, bn_momentum=0.1, data=DATA),
-          progress=False)
-    return out / "last.pt"
 
 
 def fresh_model(path):
@@ -179,28 +169,6 @@ def test_shuffled_control_pairs_points_with_other_points_features(joint_checkpoi
     v1, t1 = honest.sample_targets(s, view, np.random.default_rng(0))
     v2, t2 = control.sample_targets(s, view, np.random.default_rng(0))
     assert torch.equal(v1, v2) and torch.equal(t1.sort(0).values, t2.sort(0).values) and not torch.equal(t1, t2)
-
-
-def test_cli_adapt_writes_the_results_table(joint_checkpoint, synth_cache, tmp_path):
-    from typer.testing import CliRunner
-
-    from tttkd.cli.main import app
-
-    out = tmp_path / "res"
-    result = CliRunner().invoke(app, ["adapt", "--source", "synth_a", "--target", "synth_a", "--checkpoint",
-                                      str(joint_checkpoint), "--cache", str(synth_cache), "--steps", "2",
-                                      "--rotations", "1", "--kd-points", "512", "--lr", "0.1", "--out", str(out),
-                                      "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    table = (out / "results.md").read_text()
-    for row in ("Joint-Train", "TENT", "DUA", "AdaContrast", "TTT-KD-O", "TTT-KD"):
-        assert f"| {row} |" in table
-    record = __import__("json").loads((out / "results.json").read_text())
-    ttt = next(r for r in record["results"] if r["method"] == "ttt-kd")
-    assert set(ttt["miou_by_step"]) == {"0", "1", "2"} and (out / "miou_vs_steps.png").exists()
-    result = CliRunner().invoke(app, ["adapt", "--source", "nowhere", "--target", "synth_a", "--cache",
-                                      str(synth_cache), "--device", "cpu"])
-    assert result.exit_code == 1 and "runs/nowhere/last.pt: no checkpoint here" in result.output
 
 
 def test_bench_ttt_reports_each_size(tmp_path):
