@@ -30,7 +30,7 @@ from tttkd.pipeline.cache import FeatureCache
 from .augment import PointSet, rotation_z
 from .data import DataConfig, input_features, voxelize
 from .loss import kd_loss
-from .model import TTTKDNet, sparse_input
+from .model import TTTKDNet, batch_norms, convs_without_gradients, freeze_batch_norm, sparse_input
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,11 @@ def rotation_angles(rotations: int) -> list[float]:
 
 
 def configure(model: TTTKDNet) -> TTTKDNet:
-    """Eval mode (BN uses, and keeps, its running statistics); only the backbone trains."""
-    model.eval()
+    """Only the backbone trains; batch norm uses, and keeps, its running statistics.
+
+    Not `model.eval()`: on CUDA that would stop every gradient at spconv's implicit-GEMM convs
+    (see `freeze_batch_norm`)."""
+    freeze_batch_norm(model)
     model.requires_grad_(False)
     model.backbone.requires_grad_(True)
     return model
@@ -110,10 +113,17 @@ def collect_params(model: TTTKDNet) -> list[nn.Parameter]:
 
 
 def check(model: TTTKDNet) -> None:
+    """Refuse any set-up in which TTT-KD would not do what the paper says, on any device."""
     if not model.has_kd_head:
         raise ValueError("this checkpoint has no kd_head (a Source-Only model): TTT-KD needs a Joint-Train checkpoint")
-    if any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
-        raise ValueError("TTT-KD keeps batch-norm statistics fixed: call configure(model) (model.eval())")
+    if any(bn.training for bn in batch_norms(model)):
+        raise ValueError("TTT-KD keeps batch-norm statistics fixed, but a BatchNorm is in training mode: "
+                         "call configure(model)")
+    if convs_without_gradients(model):
+        raise ValueError("sparse convs in eval mode compute no weight gradients on CUDA: call configure(model) "
+                         "(training mode with only batch norm in eval mode), not model.eval()")
+    if not all(p.requires_grad for p in model.backbone.parameters()):
+        raise ValueError("TTT-KD trains every backbone parameter, but some are frozen: call configure(model)")
     if any(p.requires_grad for head in (model.seg_head, model.kd_head) for p in head.parameters()):
         raise ValueError("TTT-KD freezes both projectors: call configure(model)")
 
@@ -153,7 +163,8 @@ class TTTKD:
 
     @torch.no_grad()
     def predict(self, rotated_scene: RotatedScene) -> torch.Tensor:
-        """(N, C) logits of every point, BN on running statistics."""
+        """(N, C) logits of every point, BN on running statistics (the convs stay in training
+        mode: the same function, and no mode switch to undo before the next step)."""
         logits = self.model.seg_head(self.model.forward_features(rotated_scene.voxels)).float()
         return logits[rotated_scene.point_to_voxel]
 

@@ -6,16 +6,19 @@ and adapts on the voxels of one scene, which is its batch:
   TENT (Wang et al., 2021): batch-norm layers normalise with the scene's own statistics; only
       their affine parameters train, on the mean entropy of the predictions; Adam, lr 1e-3, one
       step per scene; predictions after the step.
-  DUA (Mirza et al., 2022): no gradients; batch-norm running statistics are updated from
-      `copies` augmented copies of each scene (rotation, mirror, jitter) with a momentum that
-      decays as 0.1 * 0.94^t down to 0.005; predictions with the updated statistics.
+  DUA (Mirza et al., 2022): no gradients; batch-norm running statistics are updated from a batch
+      of `copies` augmented copies of each scene (rotation, mirror, jitter) with a momentum that
+      decays per scene as 0.1 * 0.94^t down to 0.005; predictions with the updated statistics.
   AdaContrast (Chen et al., 2022): a momentum (EMA 0.999) teacher of the whole network; pseudo
       labels from the teacher's predictions on a second augmented view, refined by soft voting of
       the 10 nearest neighbours in a memory bank of teacher features; loss = CE(pseudo labels)
       + InfoNCE between student and teacher features of the same points (bank negatives of other
       pseudo classes, temperature 0.07) + diversity (-entropy of the mean prediction); SGD (lr 1e-4,
-      momentum 0.9) on all parameters with BN on running statistics (one scene is a small
-      batch), one step per scene on 4096 anchor points; predictions by the student.
+      momentum 0.9) on the backbone and the segmentation head with BN on running statistics (one
+      scene is a small batch), one step per scene on 4096 anchor points; predictions by the student.
+
+Methods that take gradients keep spconv's convs in training mode (see `model.freeze_batch_norm`):
+in eval mode they compute no weight gradients on CUDA.
 """
 
 from __future__ import annotations
@@ -29,13 +32,7 @@ from torch import nn
 
 from .adapt import RotatedScene, TargetScene, rotated
 from .data import DataConfig
-from .model import TTTKDNet
-
-BATCH_NORMS = (nn.BatchNorm1d,)
-
-
-def _batch_norms(model: nn.Module) -> list[nn.BatchNorm1d]:
-    return [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
+from .model import TTTKDNet, batch_norms, freeze_batch_norm, sparse_input
 
 
 @torch.no_grad()
@@ -48,11 +45,11 @@ class Tent:
         self.model = model
         model.train()  # batch statistics in every BN layer
         model.requires_grad_(False)
-        for bn in _batch_norms(model):
+        for bn in batch_norms(model):
             bn.requires_grad_(True)
             bn.track_running_stats = False  # the scene's statistics, never the running ones
             bn.running_mean, bn.running_var = None, None
-        self.params = [p for bn in _batch_norms(model) for p in bn.parameters()]
+        self.params = [p for bn in batch_norms(model) for p in bn.parameters()]
         self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
         self.updates = 0
 
@@ -70,25 +67,34 @@ class Tent:
 
 
 class Dua:
+    """DUA: for each scene, one forward pass in training mode over a batch of `copies` augmented
+    copies updates the batch-norm running statistics with momentum max(0.005, 0.1 * 0.94^t), t the
+    number of scenes seen before (the paper's per-sample decay); no gradients."""
+
     def __init__(self, model: TTTKDNet, *, copies: int = 8, momentum: float = 0.1, decay: float = 0.94,
                  min_momentum: float = 0.005):
         self.model = model.eval()
         self.copies, self.momentum, self.decay, self.min_momentum = copies, momentum, decay, min_momentum
         self.updates = 0
 
+    def current_momentum(self) -> float:
+        return max(self.min_momentum, self.momentum * self.decay ** self.updates)
+
     @torch.no_grad()
     def adapt(self, scene: TargetScene, rotated_scene: RotatedScene, data_config: DataConfig) -> None:
         rng = scene_rng_for(scene, self.updates)
-        for _ in range(self.copies):
-            momentum = max(self.min_momentum, self.momentum * self.decay ** self.updates)
-            for bn in _batch_norms(self.model):
-                bn.momentum = momentum
-            view = rotated(_mirrored_jittered(scene, rng), float(rng.uniform(0, 2 * np.pi)), data_config,
-                           scene.feature.device)
-            self.model.train()
-            self.model.seg_head(self.model.forward_features(view.voxels))
-            self.model.eval()
-            self.updates += 1
+        views = [rotated(_mirrored_jittered(scene, rng), float(rng.uniform(0, 2 * np.pi)), data_config,
+                         scene.feature.device).voxels for _ in range(self.copies)]
+        batch = sparse_input(torch.cat([v.indices[:, 1:] for v in views]),
+                             torch.cat([torch.full((len(v.indices),), k, dtype=torch.int32, device=v.indices.device)
+                                        for k, v in enumerate(views)]),
+                             torch.cat([v.features for v in views]), self.copies)
+        for bn in batch_norms(self.model):
+            bn.momentum = self.current_momentum()
+        self.model.train()  # BN normalises with, and folds into its running statistics, the batch's
+        self.model.seg_head(self.model.forward_features(batch))
+        self.model.eval()
+        self.updates += 1
 
     def predict(self, rotated_scene: RotatedScene) -> torch.Tensor:
         return _logits(self.model.eval(), rotated_scene)
@@ -114,9 +120,13 @@ class AdaContrast:
     def __init__(self, model: TTTKDNet, *, lr: float = 1e-4, ema: float = 0.999, bank_size: int = 16384,
                  neighbours: int = 10, temperature: float = 0.07, anchors: int = 4096,
                  contrast_weight: float = 1.0, diversity_weight: float = 1.0):
-        self.model = model.eval()  # BN on running statistics: one scene is too small a batch
+        self.model = freeze_batch_norm(model)  # BN on running statistics: one scene is too small a batch
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        model.requires_grad_(False)
+        self.params = [*model.backbone.parameters(), *model.seg_head.parameters()]  # kd_head is not in its loss
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=0.9)
         self.ema, self.neighbours, self.temperature, self.anchors = ema, neighbours, temperature, anchors
         self.contrast_weight, self.diversity_weight = contrast_weight, diversity_weight
         dim = model.backbone.out_channels
@@ -142,7 +152,6 @@ class AdaContrast:
                 pseudo = bank_p[nearest].mean(1).argmax(1)
             else:
                 pseudo = t_probs.argmax(1)
-        self.model.requires_grad_(True)
         with torch.enable_grad():
             s_features = self.model.forward_features(strong.voxels)[strong.point_to_voxel[points]]
             logits = self.model.seg_head(s_features).float()
@@ -163,7 +172,8 @@ class AdaContrast:
             self.optimizer.step()
         with torch.no_grad():  # momentum teacher and memory bank
             for t, s in zip(self.teacher.parameters(), self.model.parameters()):
-                t.mul_(self.ema).add_(s.detach(), alpha=1 - self.ema)
+                if s.requires_grad:
+                    t.mul_(self.ema).add_(s.detach(), alpha=1 - self.ema)
             self.bank_features = torch.cat([keys.cpu(), self.bank_features])[: self.bank_size]
             self.bank_probs = torch.cat([t_probs.cpu(), self.bank_probs])[: self.bank_size]
         self.updates += 1

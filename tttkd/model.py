@@ -175,6 +175,34 @@ class TTTKDNet(nn.Module):
         return self.seg_head(features), (self.kd_head(features) if self.has_kd_head else None)
 
 
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def sparse_convs(model: nn.Module) -> list[nn.Module]:
+    spconv, _ = _spconv()
+    return [m for m in model.modules() if isinstance(m, spconv.conv.SparseConvolution)]
+
+
+def freeze_batch_norm(model: nn.Module) -> nn.Module:
+    """Every module in training mode except batch norm, which uses (and keeps) its running statistics.
+
+    This, not `model.eval()`, is how to train weights with BN statistics fixed: on CUDA a spconv
+    conv whose `training` is False runs its implicit-GEMM kernel outside autograd, so no gradient
+    reaches its weight or anything before it. (On CPU the Native algorithm always has autograd,
+    so only a GPU test sees the difference.) The forward pass is the same function either way.
+    """
+    model.train()
+    for bn in batch_norms(model):
+        bn.eval()
+    return model
+
+
+def convs_without_gradients(model: nn.Module) -> list[nn.Module]:
+    """spconv convs whose weights should learn but which are in eval mode (no gradient on CUDA)."""
+    return [m for m in sparse_convs(model) if not m.training and any(p.requires_grad for p in m.parameters())]
+
+
 def build_model(config: ModelConfig, *, device: torch.device | str = "cpu") -> TTTKDNet:
     return TTTKDNet(config, algo=conv_algo(device)).to(device)
 
