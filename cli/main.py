@@ -7,11 +7,12 @@ import typer
 from .adapt import adapt
 from .bench import app as bench_app
 from .demo import demo
+from .options import SingleValueGroup
 from .train import evaluate, train
 
 app = typer.Typer(help="TTT-KD: train, adapt and benchmark 3D segmentation from a feature cache.",
-                  no_args_is_help=True, add_completion=False)
-app.add_typer(bench_app, name="bench")
+                  no_args_is_help=True, add_completion=False, cls=SingleValueGroup)
+app.add_typer(bench_app, name="bench", cls=SingleValueGroup)
 app.command()(demo)
 app.command()(train)
 app.command("eval")(evaluate)

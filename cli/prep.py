@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .options import DeviceOpt, ScaleOpt, TeacherOpt, WeightsOpt, fail
+from .options import DeviceOpt, ScaleOpt, SingleValueGroup, TeacherOpt, WeightsOpt, fail
 
 app = typer.Typer(help="Build TTT-KD feature caches: 2D teacher features projected onto 3D points.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, cls=SingleValueGroup)
 console = Console()
 
 
@@ -45,8 +45,10 @@ def extract(
     root: Annotated[Path, typer.Option(help="dataset root")] = Path("data/scannet"),
     model: TeacherOpt = "dinov2_vitl14",
     out: Annotated[Optional[Path], typer.Option(help="store to write (default ./zarr/<dataset>)")] = None,
-    split: Annotated[Optional[str], typer.Option(help="split list selecting the scenes")] = "train",
-    scenes: Annotated[Optional[str], typer.Option(help="comma-separated scene ids (overrides --split's list)")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        help="split recorded on the scenes; without --scenes its list selects them (give --split or --scenes)")] = None,
+    scenes: Annotated[Optional[list[str]], typer.Option(
+        help="scene ids, comma-separated and/or repeated; they get --split's name only if it is given")] = None,
     max_views: Annotated[Optional[int], typer.Option(help="at most this many random views per scene")] = None,
     workers: Annotated[int, typer.Option(help="worker processes of the local Dask cluster")] = 1,
     scheduler: Annotated[Optional[str], typer.Option(help="address of an existing Dask scheduler to join")] = None,
@@ -62,7 +64,9 @@ def extract(
     config = PrepConfig(dataset=dataset, root=root, teacher=model, weights=weights, image_scale=image_scale,
                         max_views=max_views, batch_size=batch_size)
     out = out or Path("zarr") / dataset
-    scene_ids = [s.strip() for s in scenes.split(",") if s.strip()] if scenes else None
+    scene_ids = [s.strip() for value in scenes for s in value.split(",") if s.strip()] if scenes else None
+    if split is None and not scene_ids:
+        fail("give --split NAME (the scenes of the dataset's split list) or --scenes ID,ID,... (scenes of no split)")
     try:
         report = run_extraction(config, out=out, scene_ids=scene_ids, split=split, workers=workers,
                                 scheduler=scheduler, device=device)

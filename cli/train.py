@@ -19,15 +19,18 @@ console = Console()
 def train(
     cache: CacheOpt,
     out: Annotated[Path, typer.Option(help="run folder: checkpoints, metrics.jsonl, curves.png")] = Path("runs/scannet"),
-    val_cache: Annotated[Optional[Path], typer.Option(help="cache evaluated after every epoch (default: CACHE's val split)")] = None,
+    val_cache: Annotated[Optional[Path], typer.Option(help="cache whose --val-split scenes are evaluated after every epoch (default: CACHE)")] = None,
     epochs: Annotated[int, typer.Option(help="training epochs")] = 100,
     batch_size: Annotated[int, typer.Option(help="scenes per batch")] = 8,
     voxel: Annotated[float, typer.Option(help="voxel size in metres (paper: 0.04)")] = 0.04,
     input_features: Annotated[str, typer.Option(help="color_normal (6 channels, indoors) or xyz (LiDAR)")] = "color_normal",
     no_kd: Annotated[bool, typer.Option("--no-kd", help="Source-Only: no kd_head, no KD loss")] = False,
     model: Annotated[str, typer.Option(help="minkunet34c (paper) or small (CPU)")] = "minkunet34c",
-    split: Annotated[str, typer.Option(help="split of the cache to train on (all scenes if it has none)")] = "train",
-    val_split: Annotated[str, typer.Option(help="split evaluated after every epoch")] = "val",
+    split: Annotated[str, typer.Option(
+        help="split of the cache to train on, or all (every complete scene); a split the cache lacks is an error")] = "train",
+    val_split: Annotated[str, typer.Option(
+        help="split of the val cache (default CACHE) evaluated after every epoch to choose best.pt, all (every "
+             "complete scene), or none (no evaluation, no best.pt); a split the cache lacks is an error")] = "val",
     bn_momentum: Annotated[float, typer.Option(help="BN running-stat momentum (0.01; raise for short runs)")] = 0.01,
     lr: Annotated[float, typer.Option(help="OneCycle max learning rate (paper: 0.005)")] = 0.005,
     workers: Annotated[int, typer.Option(help="data-loading worker processes")] = 2,
@@ -42,7 +45,9 @@ def train(
     from tttkd.train import TrainConfig, train as run
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, max_lr=lr, use_kd=not no_kd, model=model,
-                         split=split, val_split=val_split, bn_momentum=bn_momentum, seed=seed, workers=workers,
+                         split=None if split == "all" else split, validate=val_split != "none",
+                         val_split=None if val_split in ("all", "none") else val_split,
+                         bn_momentum=bn_momentum, seed=seed, workers=workers,
                          data=replace(DataConfig(), voxel_size_m=voxel, input_features=input_features))
     device = device or default_device()
     try:
@@ -57,25 +62,29 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="checkpoint (last.pt / best.pt)")],
     cache: CacheOpt,
     export_ply: Annotated[Optional[Path], typer.Option(help="write one PLY per scene coloured by class")] = None,
-    split: Annotated[Optional[str], typer.Option(help="only the scenes of this split (default: all)")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        help="only the scenes of this split, or all (default: every complete scene); a split the cache lacks is an error")] = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON result (default: next to the checkpoint)")] = None,
     device: DeviceOpt = None,
 ):
-    """mIoU and per-class IoU of a checkpoint on every complete scene of a cache."""
+    """mIoU and per-class IoU of a checkpoint on every complete scene of a cache. A checkpoint of
+    another dataset than the cache's is scored on the classes both share (named as the cache names them)."""
 
     from tttkd.checkpoint import data_config_of, load_checkpoint, model_from_checkpoint
     from tttkd.evaluate import evaluate as run
     from tttkd.pipeline.cache import FeatureCache
     from tttkd.pipeline.job import default_device
+    from tttkd.train import split_scene_ids
 
     device = device or default_device()
     try:
         state = load_checkpoint(checkpoint)
         model = model_from_checkpoint(state, device=device)
         data_config = data_config_of(state)
-        scene_ids = FeatureCache(cache).scene_ids(split=split)
+        target = FeatureCache(cache)
+        scene_ids = split_scene_ids(target, None if split == "all" else split)
         result = run(model, cache, scene_ids, data_config=data_config, class_names=state["class_names"],
-                     device=device, export_dir=export_ply)
+                     source_dataset=state.get("dataset"), device=device, export_dir=export_ply)
     except (OSError, ValueError, KeyError) as e:
         fail(f"{checkpoint}: {e}" if isinstance(e, KeyError) else str(e))
     table = Table(title=f"{checkpoint} on {cache}: mIoU {result.miou:.4f} ({result.scenes} scenes)")
@@ -84,6 +93,9 @@ def evaluate(
     for name, iou in result.iou.items():
         table.add_row(name, "-" if iou != iou else f"{iou:.4f}")
     console.print(table)
+    source, target = state.get("dataset"), target.provenance.get("dataset")
+    if source and source != target:
+        console.print(f"scored on the {len(result.iou)} classes {source} and {target} share")
     out = out or Path(checkpoint).with_name(f"eval-{Path(cache).name}.json")
     out.write_text(json.dumps({"checkpoint": str(checkpoint), "cache": str(cache), **result.to_json()}, indent=1))
     console.print(f"wrote {out}")

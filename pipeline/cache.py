@@ -4,8 +4,8 @@ Layout (read it with plain `zarr`; nothing here is pickled):
 
     <store>/                      group; attrs: tttkd_cache (format version), provenance
     <store>/scenes/               group
-    <store>/scenes/<scene_id>/    group; attrs: complete, split, num_points, num_seen, num_views,
-                                  views_skipped
+    <store>/scenes/<scene_id>/    group; attrs: complete, split (null: extracted with --scenes and
+                                  no --split), num_points, num_seen, num_views, views_skipped
         coord       (N, 3)  float32   metres, world frame
         color       (N, 3)  uint8     RGB
         normal      (N, 3)  float16   unit normals (zero where unknown)
@@ -65,10 +65,11 @@ class CachedScene:
     view_count: np.ndarray  # (M,) uint16
 
 
-def open_for_writing(path: Path, provenance: dict, *, split: str | None = None) -> set[str]:
+def open_for_writing(path: Path, provenance: dict, *, split: str | None = None, scene_ids: list[str] = ()) -> set[str]:
     """Create the store, or reopen one whose provenance matches; return the ids of complete scenes.
 
-    Called once, by the job's client, before any worker writes.
+    `split` (None: no split) is recorded for this run's `scene_ids`: complete ones, which the run
+    skips, get it here (see `assign_split`). Called once, by the job's client, before any worker writes.
     """
     path = Path(path)
     if (path / "zarr.json").exists():
@@ -82,6 +83,9 @@ def open_for_writing(path: Path, provenance: dict, *, split: str | None = None) 
                     f"{path}: was written with {key}={stored.get(key)!r}, this run has {provenance.get(key)!r}; "
                     "write to another --out"
                 )
+        if split is not None and "scenes" in root:
+            complete = complete_scene_ids(path)
+            assign_split(path, [s for s in scene_ids if s in complete], split)
         splits = sorted(set(stored.get("splits", [])) | ({split} if split else set()))
         root.attrs["provenance"] = {**stored, "splits": splits}
     else:
@@ -96,6 +100,22 @@ def open_for_writing(path: Path, provenance: dict, *, split: str | None = None) 
 def complete_scene_ids(path: Path) -> set[str]:
     scenes = zarr.open_group(Path(path) / "scenes", mode="r", zarr_format=3)
     return {name for name, group in scenes.groups() if group.attrs.get("complete") is True}
+
+
+def assign_split(path: Path, scene_ids: list[str], split: str) -> None:
+    """Record `split` on complete scenes that a rerun skips: a scene extracted without a split (with
+    --scenes) joins `split`; a scene already in another split is refused, never moved silently.
+
+    Called by the job's client before any worker starts; workers never write skipped scenes."""
+    scenes = zarr.open_group(Path(path) / "scenes", mode="r+", zarr_format=3)
+    groups = [scenes[check_scene_id(s)] for s in scene_ids]
+    conflicts = sorted(f"{g.basename} ({g.attrs['split']})" for g in groups if g.attrs.get("split") not in (None, split))
+    if conflicts:
+        raise CacheError(f"{path}: {', '.join(conflicts)} already complete in another split than {split!r}; "
+                         "a scene belongs to one split: extract it into another --out")
+    for group in groups:
+        if group.attrs.get("split") is None:
+            group.attrs["split"] = split
 
 
 def write_scene(path: Path, scene: Scene, *, seen_index: np.ndarray, feature: np.ndarray,
@@ -147,6 +167,15 @@ class FeatureCache:
             name for name, group in self.root["scenes"].groups()
             if group.attrs.get("complete") is True and (split is None or group.attrs.get("split") == split)
         )
+
+    def split_counts(self) -> dict[str | None, int]:
+        """Number of complete scenes per split (None: scenes extracted without a split)."""
+        counts: dict[str | None, int] = {}
+        for _, group in self.root["scenes"].groups():
+            if group.attrs.get("complete") is True:
+                split = group.attrs.get("split")
+                counts[split] = counts.get(split, 0) + 1
+        return counts
 
     def incomplete_scene_ids(self) -> list[str]:
         return sorted(name for name, group in self.root["scenes"].groups() if group.attrs.get("complete") is not True)

@@ -70,7 +70,8 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
         config: what to extract, and how.
         out: the store's path (created, or resumed if its provenance matches).
         scene_ids: scenes to extract; default: the scenes of `split`.
-        split: the split whose list selects scenes and which is recorded per scene.
+        split: the split recorded on each scene (and whose list selects them without `scene_ids`);
+            None records no split: such scenes are trained on only when every scene is asked for.
         workers: worker processes of the local cluster (ignored with `scheduler`).
         scheduler: address of an existing Dask scheduler; its workers must see `config.root` and `out`.
         device: "cuda", "cpu", ...; default: CUDA when available.
@@ -90,7 +91,7 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
     record = provenance(config, feature_dim=feature_dim_of(config.teacher), stride=TEACHERS[config.teacher].stride,
                         weights_sha256=file_sha256(weights), code_version=tttkd.__version__,
                         class_names=reader.class_names)
-    complete = cache.open_for_writing(out, record, split=split)
+    complete = cache.open_for_writing(out, record, split=split, scene_ids=scene_ids)
     report = ExtractReport(store=str(out), skipped=[s for s in scene_ids if s in complete])
     todo = [s for s in scene_ids if s not in complete]
     if todo:

@@ -29,27 +29,28 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture(scope="session")
 def synth_cache(synth_root, tmp_path_factory) -> Path:
-    """The three embedded scenes extracted with the EfficientNet-Lite0 teacher."""
+    """The three embedded scenes extracted with the EfficientNet-Lite0 teacher, in no split (as
+    `tttkd-prep extract --scenes` writes them): train on them with `TrainConfig(split=None)`."""
     from tttkd.pipeline.extract import PrepConfig
     from tttkd.pipeline.job import run_extraction
 
     store = tmp_path_factory.mktemp("cache") / "synth_a.zarr"
     config = PrepConfig(dataset="scannet", root=synth_root, teacher="efficientnet_lite0", batch_size=4)
     report = run_extraction(config, out=store, scene_ids=["scene0000_00", "scene0001_00", "scene0002_00"],
-                            workers=1, device="cpu", progress=False)
+                            split=None, workers=1, device="cpu", progress=False)
     assert not report.failed, report.failed
     return store
 
 
 @pytest.fixture(scope="session")
 def joint_checkpoint(synth_cache, tmp_path_factory) -> Path:
-    """A small model trained jointly for a few steps on the three scenes: enough structure for
-    adaptation to act on."""
+    """A small model trained jointly for a few steps on the three scenes (every scene, no
+    validation: the cache has no splits): enough structure for adaptation to act on."""
     from tttkd.data import DataConfig
     from tttkd.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("joint")
-    config = TrainConfig(epochs=2, batch_size=2, model="small", workers=0, bn_momentum=0.1,
-                         data=DataConfig(voxel_size_m=0.1, kd_points=256))
+    config = TrainConfig(epochs=2, batch_size=2, model="small", workers=0, bn_momentum=0.1, split=None,
+                         validate=False, data=DataConfig(voxel_size_m=0.1, kd_points=256))
     train(synth_cache, out, config, progress=False)
     return out / "last.pt"

@@ -2,25 +2,71 @@
 
 import json
 
+import typer
 from typer.testing import CliRunner
 
 from tttkd.cli.main import app as tttkd_app
+from tttkd.cli.options import repeated_option
 from tttkd.cli.prep import app as prep_app
+from tttkd.pipeline.cache import FeatureCache
 
 runner = CliRunner()
 
 
 def test_synth_extract_info(tmp_path):
+    """--scenes may repeat; the scenes it names get no split unless --split is given (they were
+    tagged "train" by --split's old default); a later --split run tags them without redoing them."""
     root, store = tmp_path / "data", tmp_path / "cache.zarr"
     result = runner.invoke(prep_app, ["synth", "--out", str(root), "--scenes", "2", "--views", "2", "--domain", "b"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(prep_app, ["extract", "--root", str(root), "--model", "efficientnet_lite0", "--out", str(store),
-                                      "--split", "train", "--device", "cpu"])
+    extract = ["extract", "--root", str(root), "--model", "efficientnet_lite0", "--out", str(store), "--device", "cpu"]
+    result = runner.invoke(prep_app, extract + ["--scenes", "scene0000_00", "--scenes", "scene0001_00"])
     assert result.exit_code == 0, result.output
     assert "2 scenes extracted" in result.output and "bytes_per_point" in result.output
+    assert FeatureCache(store).split_counts() == {None: 2} and FeatureCache(store).provenance["splits"] == []
     result = runner.invoke(prep_app, ["info", str(store), "--json"])
     summary = json.loads(result.output)
     assert summary["scenes"] == 2 and summary["teacher"] == "efficientnet_lite0" and summary["bytes_per_point"] > 0
+    # the split list selects both scenes: complete, they are skipped, and now belong to train
+    result = runner.invoke(prep_app, extract + ["--split", "train"])
+    assert result.exit_code == 0, result.output
+    assert "0 scenes extracted, 2 already complete" in result.output
+    assert FeatureCache(store).split_counts() == {"train": 2} and FeatureCache(store).provenance["splits"] == ["train"]
+    # a scene is never moved to another split
+    result = runner.invoke(prep_app, extract + ["--scenes", "scene0001_00", "--split", "val"])
+    assert result.exit_code == 1 and result.output.strip().count("\n") == 0
+    assert "scene0001_00 (train) already complete in another split than 'val'" in result.output
+    assert FeatureCache(store).split_counts() == {"train": 2} and FeatureCache(store).provenance["splits"] == ["train"]
+
+
+def test_extract_needs_split_or_scenes(tmp_path):
+    result = runner.invoke(prep_app, ["extract", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "c.zarr")])
+    assert result.exit_code == 1 and result.output.strip().count("\n") == 0
+    assert "give --split NAME" in result.output and "--scenes ID,ID" in result.output
+
+
+def test_a_repeated_single_valued_option_is_refused_in_both_apps(tmp_path):
+    """click keeps the last of `--split train --split val` silently; every command of both apps
+    (those of cli/adapt.py and of the bench sub-app too) must refuse it before running."""
+    cases = [
+        (prep_app, ["extract", "--root", str(tmp_path), "--split", "train", "--split", "val"], "extract: --split"),
+        (tttkd_app, ["adapt", "--source", "a", "--target", "b", "--steps", "1", "--steps", "2"], "adapt: --steps"),
+        (tttkd_app, ["train", "--cache", str(tmp_path), "--split=train", "--split", "all"], "train: --split"),
+        (tttkd_app, ["bench", "train", "--cache", str(tmp_path), "--steps", "1", "--steps", "2"], "train: --steps"),
+        (tttkd_app, ["train", "--cache", str(tmp_path), "--resume", "--no-resume"], "train: --no-resume"),
+    ]
+    for app, args, name in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and result.output.strip().count("\n") == 0, (args, result.output)
+        assert f"error: {name} given more than once; give it once" in result.output, (args, result.output)
+
+
+def test_an_option_value_that_looks_like_an_option_is_not_a_repeat():
+    command = typer.main.get_command(prep_app).commands["extract"]
+    context = typer.Context(command)
+    assert repeated_option(command, context, ["--out", "--split", "--split", "train", "--scenes", "a", "--scenes", "b"]) is None
+    assert repeated_option(command, context, ["--scenes", "a", "--", "--split", "x", "--split", "y"]) is None
+    assert repeated_option(command, context, ["--split", "x", "--scenes", "a", "--split=y"]) == "--split"
 
 
 def test_missing_store_is_one_line_and_exit_code_1(tmp_path):

@@ -20,7 +20,7 @@ from tttkd.metrics import confusion_matrix, iou_per_class, mean_iou
 from tttkd.model import build_model, model_config
 from tttkd.pipeline import cache as cache_module
 from tttkd.pipeline.cache import FeatureCache
-from tttkd.train import TrainConfig, batch_losses, make_optimizer, train
+from tttkd.train import TrainConfig, batch_losses, make_optimizer, split_scene_ids, train
 
 FAST = DataConfig(voxel_size_m=0.1, kd_points=256, augment=NO_AUGMENTATION)
 
@@ -110,7 +110,9 @@ def test_kd_loss_falls_on_its_own(synth_cache):
 
 
 def tiny_config(**fields):
-    return TrainConfig(**{**dict(epochs=2, batch_size=2, model="small", workers=0, log_every=1, data=FAST), **fields})
+    """synth_cache has no splits: train on every scene, without validation, unless told otherwise."""
+    return TrainConfig(**{**dict(epochs=2, batch_size=2, model="small", workers=0, log_every=1, data=FAST,
+                                 split=None, validate=False), **fields})
 
 
 def test_persistent_workers_give_the_same_batches_as_the_main_process(synth_cache):
@@ -170,7 +172,8 @@ def test_xyz_input_builds_a_three_channel_network(synth_cache, tmp_path):
 
 
 def test_checkpoint_holds_what_rebuilds_the_run(synth_cache, tmp_path):
-    train(synth_cache, tmp_path / "run", tiny_config(epochs=1), val_cache=synth_cache, progress=False)
+    train(synth_cache, tmp_path / "run", tiny_config(epochs=1, validate=True, val_split=None), val_cache=synth_cache,
+          progress=False)
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["teacher"]["teacher"] == "efficientnet_lite0" and checkpoint["teacher"]["feature_dim"] == 472
     assert len(checkpoint["class_names"]) == 20 and checkpoint["train_config"]["max_lr"] == 0.005
@@ -199,7 +202,7 @@ def test_cli_train_then_eval_with_ply_export(synth_cache, tmp_path):
     run = tmp_path / "cli"
     result = runner.invoke(app, ["train", "--cache", str(synth_cache), "--out", str(run), "--epochs", "1",
                                  "--batch-size", "3", "--model", "small", "--voxel", "0.1", "--workers", "0",
-                                 "--device", "cpu"])
+                                 "--device", "cpu", "--split", "all", "--val-split", "none"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["eval", "--checkpoint", str(run / "last.pt"), "--cache", str(synth_cache),
                                  "--export-ply", str(tmp_path / "ply"), "--device", "cpu"])
@@ -209,3 +212,101 @@ def test_cli_train_then_eval_with_ply_export(synth_cache, tmp_path):
     assert 0 <= record["miou"] <= 1 and len(record["confusion"]) == 20
     result = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--cache", str(synth_cache)])
     assert result.exit_code == 1 and "missing.pt: no checkpoint here" in result.output
+
+
+def test_a_split_the_cache_lacks_is_an_error_not_every_scene(synth_cache, tmp_path):
+    """The old fallback trained on every scene, val scenes included, when the split was missing."""
+    cache = FeatureCache(synth_cache)
+    with pytest.raises(ValueError, match=r"synth_a.zarr: no complete scenes of split 'train' \(it has 3 scenes of "
+                                         r"no split\); pass --split .*--split all"):
+        split_scene_ids(cache, "train")
+    assert split_scene_ids(cache, None) == ["scene0000_00", "scene0001_00", "scene0002_00"]
+    with pytest.raises(ValueError, match="no complete scenes of split 'train'"):
+        train(synth_cache, tmp_path / "run", tiny_config(split="train"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_val_split_is_an_error_not_every_scene(synth_cache, tmp_path):
+    """best.pt must never be chosen on scenes nobody asked to validate on."""
+    with pytest.raises(ValueError, match="split 'val'.*--val-split all .*--val-split none to skip validation"):
+        train(synth_cache, tmp_path / "run", tiny_config(validate=True), progress=False)
+    with pytest.raises(ValueError, match="split 'val'"):  # a val cache falls back to all its scenes no more
+        train(synth_cache, tmp_path / "run", tiny_config(validate=True), val_cache=synth_cache, progress=False)
+    with pytest.raises(ValueError, match="never read without validation"):
+        train(synth_cache, tmp_path / "run", tiny_config(), val_cache=synth_cache, progress=False)
+
+
+def test_cli_train_without_split_on_a_cache_of_no_split_is_one_line_error(synth_cache, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--cache", str(synth_cache), "--out", str(tmp_path / "run"), "--epochs",
+                                      "1", "--model", "small", "--voxel", "0.1", "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().count("\n") == 0 and "split 'train'" in result.output and "--split all" in result.output
+
+
+class ConstantModel(torch.nn.Module):
+    """Predicts class `predicted` of `num_classes` at every voxel: IoUs follow from the labels alone."""
+
+    def __init__(self, num_classes: int, predicted: int):
+        super().__init__()
+        self.num_classes, self.predicted = num_classes, predicted
+
+    def forward_features(self, voxels):
+        return voxels.features
+
+    def seg_head(self, features):
+        logits = torch.zeros(len(features), self.num_classes)
+        logits[:, self.predicted] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("source", ["s3dis", "matterport"])
+def test_evaluate_scores_a_model_of_another_dataset_on_the_shared_classes(synth_cache, source):
+    """An s3dis model (13 classes) on a scannet cache crashed (label ids past 13); a matterport one
+    (21) was scored on matterport's class list. Both must be scored on the shared classes."""
+    from tttkd.pipeline.manifests import load_classes, shared_classes
+
+    source_names = load_classes(source)["names"]
+    shared = shared_classes(source, "scannet")
+    ids = ["scene0000_00", "scene0001_00", "scene0002_00"]
+    result = evaluate(ConstantModel(len(source_names), source_names.index("chair")), synth_cache, ids,
+                      data_config=FAST, class_names=source_names, source_dataset=source, device="cpu")
+    target_names = FeatureCache(synth_cache).provenance["class_names"]
+    assert list(result.iou) == [t for _, t in shared] and result.confusion.shape == (len(shared), len(shared) + 1)
+    # by hand: every point with a shared class is predicted chair
+    label = np.concatenate([FeatureCache(synth_cache).read(s).label for s in ids])
+    counts = {t: int((label == target_names.index(t)).sum()) for _, t in shared}
+    assert counts["chair"] > 0 and counts["wall"] > 0
+    assert result.iou["chair"] == pytest.approx(counts["chair"] / sum(counts.values()))
+    for name, count in counts.items():
+        if name != "chair":
+            assert result.iou[name] == 0.0 if count else np.isnan(result.iou[name]), name
+    expected = [result.iou["chair"]] + [0.0] * sum(1 for n, c in counts.items() if c and n != "chair")
+    assert result.miou == pytest.approx(np.mean(expected))
+
+
+def test_evaluate_refuses_a_class_list_it_cannot_map(synth_cache):
+    from tttkd.pipeline.manifests import load_classes
+
+    names = load_classes("s3dis")["names"]
+    with pytest.raises(ValueError, match="synth_a.zarr: the cache's 20 scannet classes differ from the model's 13"):
+        evaluate(ConstantModel(len(names), 0), synth_cache, ["scene0000_00"], data_config=FAST, class_names=names,
+                 device="cpu")
+
+
+def test_cli_eval_of_an_s3dis_checkpoint_on_a_scannet_cache_scores_the_shared_classes(synth_cache, tmp_path):
+    from dataclasses import asdict
+
+    from tttkd.pipeline.manifests import load_classes, shared_classes
+
+    names = load_classes("s3dis")["names"]
+    config = model_config("small", num_classes=len(names), kd_dim=None)
+    checkpoint = {"model": build_model(config).state_dict(), "model_config": asdict(config),
+                  "train_config": asdict(tiny_config()), "class_names": names, "dataset": "s3dis"}
+    torch.save(checkpoint, tmp_path / "s3dis.pt")
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "s3dis.pt"), "--cache", str(synth_cache),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "the 8 classes s3dis and scannet share" in result.output
+    record = json.loads((tmp_path / "eval-synth_a.zarr.json").read_text())
+    assert list(record["iou"]) == [t for _, t in shared_classes("s3dis", "scannet")]
+    assert "bookshelf" in record["iou"] and "ceiling" not in record["iou"] and len(record["confusion"][0]) == 9

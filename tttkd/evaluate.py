@@ -1,5 +1,8 @@
 """Evaluation on a feature cache: per-point predictions (every point takes its voxel's), one
-confusion matrix over all scenes, mIoU and per-class IoU, optional PLY export coloured by class."""
+confusion matrix over all scenes, mIoU and per-class IoU, optional PLY export coloured by class.
+
+A model trained on another dataset than the cache's is scored on the classes both share (paper
+Table 5, `data_manifests/shared_classes.json`), as the adaptation experiment scores it."""
 
 from __future__ import annotations
 
@@ -10,10 +13,11 @@ import numpy as np
 import torch
 
 from tttkd.pipeline.cache import FeatureCache
+from tttkd.pipeline.manifests import shared_classes
 from tttkd.pipeline.ply import write_ply
 
 from .data import DataConfig, EvalScene, eval_scene
-from .metrics import confusion_matrix, iou_per_class, mean_iou
+from .metrics import SharedLabels, confusion_matrix, iou_per_class, mean_iou
 from .model import TTTKDNet, sparse_input
 
 
@@ -62,16 +66,33 @@ def export_ply(path: Path, coord: np.ndarray, prediction: np.ndarray, num_classe
 
 
 def evaluate(model: TTTKDNet, cache_path: Path, scene_ids: list[str], *, data_config: DataConfig,
-             class_names: list[str], device, export_dir: Path | None = None, progress=None) -> EvalResult:
+             class_names: list[str], device, source_dataset: str | None = None, export_dir: Path | None = None,
+             progress=None) -> EvalResult:
+    """Score `model`, whose classes are `class_names`, on `scene_ids` of the cache.
+
+    When `source_dataset` (the dataset the model was trained on) is given and differs from the
+    cache's, only the shared classes are scored, named as the cache names them, and the confusion
+    matrix is (S, S + 1) (see `SharedLabels`). Otherwise the model must predict the cache's classes.
+    """
     cache = FeatureCache(cache_path)
+    target_dataset, target_names = cache.provenance.get("dataset"), list(cache.provenance["class_names"])
     num_classes = len(class_names)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    if source_dataset is not None and source_dataset != target_dataset:
+        labels = SharedLabels(list(class_names), target_names, shared_classes(source_dataset, target_dataset))
+        score, names = labels.confusion, labels.names
+    elif list(class_names) == target_names:
+        score, names = (lambda prediction, label: confusion_matrix(prediction, label, num_classes)), target_names
+    else:
+        raise ValueError(f"{cache_path}: the cache's {len(target_names)} {target_dataset} classes differ from the "
+                         f"model's {num_classes} (trained on {source_dataset or 'an unrecorded dataset'}); "
+                         "evaluate on a cache of the model's dataset")
+    confusion = score(np.zeros(0, np.int64), np.zeros(0, np.int64))  # zeros of the right shape
     points = 0
     for scene_id in scene_ids:
         scene = eval_scene(cache, scene_id, data_config)
         voxel_prediction = predict_logits(model, scene, device).argmax(1).cpu().numpy()
         prediction = voxel_prediction[scene.point_to_voxel]
-        confusion += confusion_matrix(prediction, scene.point_label, num_classes)
+        confusion += score(prediction, scene.point_label)
         points += len(prediction)
         if export_dir is not None:
             export_dir.mkdir(parents=True, exist_ok=True)
@@ -79,5 +100,5 @@ def evaluate(model: TTTKDNet, cache_path: Path, scene_ids: list[str], *, data_co
         if progress is not None:
             progress(scene_id)
     iou = iou_per_class(confusion)
-    return EvalResult(mean_iou(confusion), {n: float(v) for n, v in zip(class_names, iou)}, confusion,
+    return EvalResult(mean_iou(confusion), {n: float(v) for n, v in zip(names, iou)}, confusion,
                       len(scene_ids), points)

@@ -44,8 +44,13 @@ class TrainConfig:
     """Backbone BN running-statistics momentum (Pointcept: 0.01); raise it for runs of few steps,
     whose running statistics would otherwise stay near their initial values."""
     split: str | None = "train"
-    """Scenes of the cache to train on (None: every complete scene)."""
+    """Scenes of the cache to train on; None: every complete scene. A split the cache lacks is an
+    error, never a fallback to every scene (which would train on its val scenes)."""
     val_split: str | None = "val"
+    """Scenes evaluated after each epoch (of `val_cache` if given, else of the training cache) to
+    choose best.pt; None: every complete scene. A split the cache lacks is an error."""
+    validate: bool = True
+    """False: no evaluation after each epoch and no best.pt (`val_split` is not read)."""
     seed: int = 0
     workers: int = 2
     amp: bool = True
@@ -54,10 +59,22 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def split_scene_ids(cache: FeatureCache, split: str | None) -> list[str]:
-    """Complete scenes of `split`; every complete scene if the cache records no such split (a
-    cache extracted with --scenes has none)."""
-    return (cache.scene_ids(split=split) if split else []) or cache.scene_ids()
+def split_scene_ids(cache: FeatureCache, split: str | None, *, option: str = "--split",
+                    alternatives: str = "") -> list[str]:
+    """Complete scenes of `split`, or every complete scene for None. Raises ValueError when there
+    are none: a cache extracted with --scenes and no --split has scenes of no split, and falling
+    back to all of them could train on (or choose best.pt by) val scenes. The error message tells
+    the user to change the CLI option `option`, or do one of `alternatives`."""
+    scene_ids = cache.scene_ids(split=split)
+    if scene_ids:
+        return scene_ids
+    counts = cache.split_counts()
+    has = ", ".join(f"{n} scenes of {'no split' if s is None else f'split {s!r}'}"
+                    for s, n in sorted(counts.items(), key=lambda item: str(item[0]))) or "no complete scenes"
+    if split is None:
+        raise ValueError(f"{cache.path}: no complete scenes; run `tttkd-prep extract` first")
+    raise ValueError(f"{cache.path}: no complete scenes of split {split!r} (it has {has}); pass {option} with "
+                     f"one of its splits, {option} all for every complete scene{alternatives}")
 
 
 def seed_everything(seed: int) -> None:
@@ -87,22 +104,29 @@ def batch_losses(model, batch, config: TrainConfig):
 
 def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path | None = None,
           device: str = "cpu", resume: bool = False, progress: bool = True) -> dict:
-    """Train on every complete scene of `cache_path`; evaluate on `val_cache` after each epoch."""
+    """Train on the `config.split` scenes of `cache_path`; after each epoch evaluate the
+    `config.val_split` scenes of `val_cache` (default: `cache_path`) unless `config.validate` is False."""
     from rich.progress import Progress
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     cache = FeatureCache(cache_path)
     provenance = cache.provenance
     class_names = provenance["class_names"]
     scene_ids = split_scene_ids(cache, config.split)
-    if not scene_ids:
-        raise ValueError(f"{cache_path}: no complete scenes to train on")
-    if val_cache:  # another cache (e.g. another domain): its val split, or all of it
-        val_ids = split_scene_ids(FeatureCache(val_cache), config.val_split)
-    else:  # the training cache's own val split, if it has one
-        val_cache, val_ids = cache_path, cache.scene_ids(split=config.val_split) if config.val_split else []
+    val_ids = []
+    if val_cache and not config.validate:
+        raise ValueError(f"{val_cache}: a validation cache is never read without validation; "
+                         "drop --val-cache or --val-split none")
+    if config.validate:
+        val_cache = val_cache or cache_path
+        val_ids = split_scene_ids(FeatureCache(val_cache), config.val_split, option="--val-split",
+                                  alternatives=", --val-cache with another cache, or --val-split none to skip validation")
+        val_names = FeatureCache(val_cache).provenance["class_names"]
+        if val_names != class_names:
+            raise ValueError(f"{val_cache}: its {len(val_names)} classes differ from the {len(class_names)} of "
+                             f"{cache_path}; validate on a cache of the same dataset, or pass --val-split none")
+    out.mkdir(parents=True, exist_ok=True)
 
     seed_everything(config.seed)
     mconfig = model_config(config.model, in_channels=in_channels(config.data.input_features),
