@@ -28,7 +28,7 @@ def adapt(
     source_only: Annotated[Optional[Path], typer.Option(help="Source-Only checkpoint (trained with --no-kd)")] = None,
     oracle: Annotated[Optional[Path], typer.Option(help="checkpoint trained on the target, for the Oracle row")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="target feature cache (default ./zarr/<target>)")] = None,
-    split: Annotated[Optional[str], typer.Option(help="target scenes of this split (default: all)")] = None,
+    split: Annotated[str, typer.Option(help="target scenes of this split (paper: val); all: every complete scene")] = "val",
     lr: Annotated[float, typer.Option(help="TTT SGD learning rate (paper: 1.0)")] = 1.0,
     rotations: Annotated[int, typer.Option(help="rotations about up in the ensemble (paper: 8)")] = 8,
     stride: Annotated[int, typer.Option(help="TTT-KD-O: update every s-th scene")] = 1,
@@ -40,7 +40,8 @@ def adapt(
     """Adapt a trained model to each target scene, predict, and compare with the baselines."""
 
     from tttkd.adapt import AdaptConfig
-    from tttkd.experiment import METHODS, plan_rows, run_method, write_results
+    from tttkd.checkpoint import load_checkpoint
+    from tttkd.experiment import METHODS, plan_rows, run_method, scored_classes, target_scene_ids, write_results
     from tttkd.pipeline.cache import FeatureCache
     from tttkd.pipeline.job import default_device
 
@@ -56,20 +57,24 @@ def adapt(
         for path in filter(None, (joint, source_only, oracle)):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no checkpoint here (train one with `tttkd train`)")
-        scene_ids = FeatureCache(cache).scene_ids(split=split)
-        if not scene_ids:
-            raise ValueError(f"{cache}: no complete scenes{f' of split {split}' if split else ''}")
+        scene_ids = target_scene_ids(cache, split=split)
+        # --source names the run; the source model knows the dataset it was trained on
+        source_dataset = load_checkpoint(joint).get("dataset") or source
+        classes = scored_classes(source_dataset, FeatureCache(cache).provenance["dataset"])
         results = []
         with Progress(console=console) as bar:
             for row, name, ckpt in plan_rows(joint=joint, source_only=source_only, oracle=oracle, methods=methods):
                 task = bar.add_task(row, total=len(scene_ids))
                 results.append(run_method(row, name, ckpt, cache, scene_ids, config=config, device=device,
+                                          classes=classes,
                                           export_dir=out / "ply" if export_ply else None,
                                           progress=lambda _: bar.advance(task)))
     except (OSError, ValueError) as e:
         fail(str(e))
-    table = write_results(results, out, title=f"{source} -> {target} ({len(scene_ids)} scenes)", config=config,
-                          setup={"source": source, "target": target, "checkpoint": str(joint),
+    table = write_results(results, out, title=f"{source} -> {target} ({len(scene_ids)} {split} scenes)",
+                          classes=classes, config=config,
+                          setup={"source": source, "source_dataset": source_dataset, "target": target,
+                                 "split": split, "checkpoint": str(joint),
                                  "source_only": str(source_only), "oracle": str(oracle), "cache": str(cache)})
     console.print(table)
     console.print(f"wrote {out}/results.md, results.json" + (", miou_vs_steps.png" if "ttt-kd" in methods else ""))

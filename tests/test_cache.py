@@ -67,13 +67,66 @@ def test_store_with_another_teacher_is_refused(tmp_path):
         FeatureCache(tmp_path / "nowhere")
 
 
-def test_mean_of_normalised_features_gives_the_exact_multiview_objective():
-    """Brief §2: E_i[f . g_i/|g_i|] = f . mean_i(g_i/|g_i|), so one stored vector per point suffices."""
-    g = torch.randn(6, 32)
-    f = torch.nn.functional.normalize(torch.randn(32), dim=0)
-    per_view = (torch.nn.functional.normalize(g, dim=1) @ f).mean()
-    stored = torch.nn.functional.normalize(g, dim=1).mean(0)
-    torch.testing.assert_close(f @ stored, per_view)
+class ViewConstantTeacher:
+    """A stand-in teacher whose feature grid for the k-th image it sees is one vector everywhere:
+    vectors[k] = scale_k * (e_k + 0.5 * e_last), scales 1e-2 .. 1e2 apart, so a point's stored
+    feature says which views saw it (its axis-k component is non-zero) and whether they were
+    normalised before averaging."""
+
+    device = torch.device("cpu")
+    stride = 8
+
+    def __init__(self, vectors: torch.Tensor):
+        self.vectors = vectors  # (V, D)
+        self.images = 0
+
+    def visible_size(self, width: int, height: int) -> tuple[int, int]:
+        return width, height
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(image).permute(2, 0, 1).float()
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        grids = self.vectors[self.images: self.images + batch, :, None, None]  # (B, D, 1, 1)
+        self.images += batch
+        return grids.expand(-1, -1, -(-height // self.stride), -(-width // self.stride)).clone()
+
+
+def test_mean_of_normalised_features_gives_the_exact_multiview_objective(synth_root, tmp_path):
+    """Brief §2: E_i[f . g_i/|g_i|] = f . mean_i(g_i/|g_i|), so one stored vector per point suffices.
+    Checked on what extraction stores: catches a cache of raw (unnormalised) means, re-normalised
+    means, sums, or a count over the wrong views."""
+    from tttkd.pipeline.extract import extract_scene
+    from tttkd.pipeline.scannet import ScanNetReader
+
+    reader = ScanNetReader(synth_root)
+    views = len(reader.read_views("scene0000_00").views)
+    dim = views + 1
+    scale = torch.logspace(-2, 2, views)
+    g = scale[:, None] * (torch.eye(views, dim) + 0.5 * torch.eye(dim)[-1])  # (V, D) raw view features
+    teacher = ViewConstantTeacher(g)
+    store = tmp_path / "c.zarr"
+    cache.open_for_writing(store, {**PROVENANCE, "feature_dim": dim})
+    result = extract_scene(reader, "scene0000_00", teacher=teacher, store=store, split=None,
+                           config=PrepConfig(dataset="scannet", root=synth_root, batch_size=2))  # 2 batches
+    assert result.status == "done", result.reason
+    assert teacher.images == views
+    stored = FeatureCache(store).read("scene0000_00")
+    feature = torch.from_numpy(stored.feature.astype(np.float32))  # (M, D) as the trainer reads it
+    seen_by = torch.from_numpy(stored.feature[:, :views] > 0)      # (M, V) the views that saw each point
+    count = torch.from_numpy(stored.view_count.astype(np.int64))
+    assert torch.equal(seen_by.sum(1), count) and count.min() >= 1
+    assert (count >= 2).sum() > 100  # enough points seen twice or more for the mean to matter
+    # the stored vector is the mean over the point's views of the normalised view features
+    unit = torch.nn.functional.normalize(g, dim=1)
+    mean = (seen_by.float() @ unit) / count[:, None]
+    torch.testing.assert_close(feature, mean, atol=1e-3, rtol=1e-3)
+    # so for any unit student vector f, f . stored is the expectation over those views of f . g_i/|g_i|
+    f = torch.nn.functional.normalize(torch.randn(len(feature), dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    per_view = (f @ g.T) / g.norm(dim=1)  # (M, V) cosine-KD term per view
+    expectation = (per_view * seen_by).sum(1) / count
+    torch.testing.assert_close((f * feature).sum(1), expectation, atol=2e-3, rtol=0)
 
 
 def extract_config(root):

@@ -122,13 +122,38 @@ class TestSynthIsReadAsScanNet(ReaderContract):
 
 
 def test_ply_round_trip_binary_and_ascii(tmp_path):
-    vertex = np.zeros(3, dtype=[("x", "f4"), ("y", "f4"), ("z", "f4"), ("label", "u2")])
-    vertex["x"], vertex["label"] = [1.5, 2.5, 3.5], [7, 8, 9]
-    write_ply(tmp_path / "a.ply", vertex, np.array([[0, 1, 2]]))
-    back, faces = read_ply(tmp_path / "a.ply")
-    np.testing.assert_array_equal(back["label"], [7, 8, 9])
-    np.testing.assert_array_equal(faces, [[0, 1, 2]])
-    (tmp_path / "b.ply").write_text("ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\nproperty float y\n"
-                                    "property float z\nend_header\n1 2 3\n4 5 6\n")
-    back, faces = read_ply(tmp_path / "b.ply")
-    np.testing.assert_array_equal(back["z"], [3, 6]) and faces is None
+    # binary: every property and the faces come back bit-exact, from a little-endian file
+    vertex = np.zeros(3, dtype=[("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("label", "u2")])
+    vertex["x"], vertex["y"], vertex["z"] = [1.5, -2.25, 3e-3], [0.1, 1e6, -7.0], [-0.5, 0.0, 2.0 ** -20]
+    vertex["red"], vertex["label"] = [0, 128, 255], [7, 8, 65535]
+    faces = np.array([[0, 1, 2], [2, 1, 0]])
+    write_ply(tmp_path / "a.ply", vertex, faces)
+    data = (tmp_path / "a.ply").read_bytes()
+    header, body = data.split(b"end_header\n")
+    assert b"format binary_little_endian 1.0" in header
+    assert len(body) == 3 * (4 * 3 + 1 + 2) + 2 * (1 + 3 * 4)
+    back, back_faces = read_ply(tmp_path / "a.ply")
+    assert back.dtype.names == vertex.dtype.names
+    for name in vertex.dtype.names:
+        np.testing.assert_array_equal(back[name], vertex[name])
+    np.testing.assert_array_equal(back_faces, faces)
+    write_ply(tmp_path / "c.ply", vertex)
+    assert read_ply(tmp_path / "c.ply")[1] is None
+    # ascii: columns map to their properties; faces only where the file has them
+    (tmp_path / "b.ply").write_text("ply\nformat ascii 1.0\ncomment made by hand\nelement vertex 2\nproperty float x\n"
+                                    "property float y\nproperty float z\nproperty uchar label\nend_header\n"
+                                    "1 2 3 4\n-4.5 5 6 200\n")
+    back, back_faces = read_ply(tmp_path / "b.ply")
+    np.testing.assert_array_equal(back["x"], [1, -4.5])
+    np.testing.assert_array_equal(back["y"], [2, 5])
+    np.testing.assert_array_equal(back["z"], [3, 6])
+    np.testing.assert_array_equal(back["label"], [4, 200])
+    assert back["label"].dtype == np.uint8
+    assert back_faces is None
+    (tmp_path / "d.ply").write_text("ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\n"
+                                    "property float z\nelement face 1\nproperty list uchar int vertex_indices\n"
+                                    "end_header\n0 0 0\n1 0 0\n0 1 0\n3 2 0 1\n")
+    back, back_faces = read_ply(tmp_path / "d.ply")
+    np.testing.assert_array_equal(back["x"], [0, 1, 0])
+    np.testing.assert_array_equal(back_faces, [[2, 0, 1]])
+    assert back_faces.dtype == np.int64

@@ -115,14 +115,41 @@ def test_checkpoint_with_pickled_objects_is_not_executed(tmp_path):
         load_teacher("dinov2_vits14", weights=path)
 
 
+def crossword(seed: int, *, cells: int = 15, cell_px: int = 15) -> np.ndarray:
+    """(224, 224, 3) uint8: an empty crossword grid (white cells, black lines, symmetric black
+    squares), which an ImageNet classifier recognises as class 918, "crossword puzzle"."""
+    black = np.random.default_rng(seed).random((cells, cells)) < 0.18
+    black |= black[::-1, ::-1]
+    image = np.where(np.kron(black, np.ones((cell_px, cell_px), bool)), 0, 255).astype(np.uint8)
+    image[::cell_px] = image[1::cell_px] = 0
+    image[:, ::cell_px] = image[:, 1::cell_px] = 0
+    return np.repeat(image[:224, :224, None], 3, axis=2)
+
+
+CROSSWORD_PUZZLE = 918  # ImageNet-1k class index
+
+
 def test_efficientnet_lite_loads_its_imagenet_weights_and_classifies_a_real_signal():
+    # bug it catches: weights silently not loaded (random init), loaded into the wrong modules, or
+    # images normalised with the wrong statistics
+    from tttkd.pipeline.efficientnet import packaged_weights
+
     teacher = load_teacher("efficientnet_lite0")
     assert teacher.stride == 8 and teacher.feature_dim == 40 + 112 + 320
     grid = teacher.features(torch.stack([teacher.prepare(np.zeros((120, 160, 3), np.uint8))]))
     assert grid.shape == (1, 472, 16, 20)  # padded to 128 x 160, stride 8
-    # pretrained, not random: BN statistics and weights come from the package's checkpoint
-    random_net = build_network("efficientnet_lite0")
-    assert not torch.equal(teacher.network.net._conv_stem.weight, random_net.net._conv_stem.weight)
+    # every tensor (weights and BN statistics) is the shipped ImageNet checkpoint's
+    shipped = torch.load(packaged_weights(0), map_location="cpu", weights_only=True)
+    loaded = teacher.network.net.state_dict()
+    assert loaded.keys() == shipped.keys()
+    assert all(torch.equal(loaded[name], shipped[name]) for name in shipped)
+    # and the network the teacher runs, fed by the teacher's own preprocessing, recognises what an
+    # ImageNet model recognises: a random network gives ~0.001 to every class
+    images = torch.stack([teacher.prepare(crossword(seed)) for seed in range(3)])
+    with torch.no_grad():
+        probability = teacher.network.net(images).softmax(1)
+    assert probability.argmax(1).tolist() == [CROSSWORD_PUZZLE] * 3
+    assert probability[:, CROSSWORD_PUZZLE].min() > 0.5, probability[:, CROSSWORD_PUZZLE]
 
 
 def test_sample_features_at_cell_centres_returns_the_cell_vectors():

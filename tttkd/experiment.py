@@ -1,6 +1,11 @@
 """The domain-shift experiment: adapt a trained model to every target scene with one method,
 score on the classes source and target share, and write the paper's results table.
 
+One table has one class list: the target classes the *source* dataset shares with the target
+(`scored_classes`, paper Table 5). Every row is scored on exactly that list, the Oracle (trained on
+the target, so its predictions are target classes) included, and the table's cells are placed by
+class name.
+
 Rows (paper Tables 1-3): Oracle (a model trained on the target, no adaptation), Source-Only
 (trained without KD), Joint-Train (trained with KD, no adaptation), TENT, DUA, AdaContrast (applied
 to the Source-Only model when one is given, else to the Joint-Train model), TTT-KD-O and TTT-KD
@@ -50,8 +55,49 @@ def record_steps_for(steps: int) -> list[int]:
     return sorted({s for s in (0, 1, 2, 5, 10, 25, 50, 100, 200) if s <= steps} | {steps})
 
 
+def scored_classes(source_dataset: str, target_dataset: str) -> list[str]:
+    """Target class names that count in a source -> target experiment: those both datasets have
+    (data_manifests/shared_classes.json), in the target's naming."""
+    return [target for _, target in shared_classes(source_dataset, target_dataset)]
+
+
+def target_scene_ids(cache_path: Path, *, split: str) -> list[str]:
+    """Complete scenes of a split of the target cache (`all`: every complete scene); a split the
+    cache lacks is an error that names the splits it has."""
+    cache = FeatureCache(cache_path)
+    if split == "all":
+        scene_ids = cache.scene_ids()
+        if not scene_ids:
+            raise ValueError(f"{cache_path}: no complete scenes")
+        return scene_ids
+    scene_ids = cache.scene_ids(split=split)
+    if not scene_ids:
+        present = sorted({cache.scene_attrs(s).get("split") or "(no split)" for s in cache.scene_ids()})
+        raise ValueError(f"{cache_path}: no complete scene of split {split!r} (splits present: "
+                         f"{', '.join(present) or 'none'}); choose one with --split, or --split all")
+    return scene_ids
+
+
+def shared_labels(checkpoint: dict, provenance: dict, classes: list[str]) -> SharedLabels:
+    """Map a checkpoint's predictions and the target's labels onto `classes` (target names). A model
+    trained on the target dataset (the Oracle) maps by identity, a source model through the shared
+    pairs of its dataset and the target's."""
+    model_dataset = checkpoint.get("dataset") or "scannet"
+    source_name = {target: source for source, target in shared_classes(model_dataset, provenance["dataset"])}
+    missing = [name for name in classes if name not in source_name]
+    if missing:
+        raise ValueError(f"a model trained on {model_dataset} has no class for target class(es) {', '.join(missing)} "
+                         f"of {provenance['dataset']}; score on the classes it shares with the target")
+    return SharedLabels(checkpoint["class_names"], provenance["class_names"],
+                        [(source_name[name], name) for name in classes])
+
+
 def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, scene_ids: list[str], *,
-               config: AdaptConfig, device, export_dir: Path | None = None, progress=None) -> MethodResult:
+               config: AdaptConfig, device, classes: list[str] | None = None, export_dir: Path | None = None,
+               progress=None) -> MethodResult:
+    """One row: adapt with `method` on every scene and score on `classes` (target class names; default:
+    those the checkpoint's dataset shares with the target). Pass the experiment's `scored_classes` so
+    every row of a table, the Oracle included, counts the same classes."""
     if method not in METHODS + CONTROLS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "ttt-kd-shuffled":
@@ -64,9 +110,10 @@ def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, s
         check_teacher(checkpoint["teacher"], provenance, cache_path=cache_path)
     model = model_from_checkpoint(checkpoint, device=device)
     data_config = data_config_of(checkpoint)
-    source_names, target_names = checkpoint["class_names"], provenance["class_names"]
-    labels = SharedLabels(source_names, target_names, shared_classes(checkpoint.get("dataset") or "scannet",
-                                                                     provenance["dataset"]))
+    source_names = checkpoint["class_names"]
+    if classes is None:
+        classes = scored_classes(checkpoint.get("dataset") or "scannet", provenance["dataset"])
+    labels = shared_labels(checkpoint, provenance, classes)
     steps = record_steps_for(config.steps) if method == "ttt-kd" else [0]
     confusion = {s: 0 for s in steps}
     per_scene, kd_losses = {}, []
@@ -135,12 +182,13 @@ def plan_rows(*, joint: Path | None, source_only: Path | None, oracle: Path | No
             (method in methods or (method == "none" and "none" in methods))]
 
 
-def markdown_table(results: list[MethodResult], *, title: str) -> str:
-    classes = list(results[0].iou) if results else []
+def markdown_table(results: list[MethodResult], *, title: str, classes: list[str]) -> str:
+    """One header from `classes`; each row's IoU sits under its class name ("-": no IoU)."""
     lines = [f"### {title}", "", "| method | mIoU | " + " | ".join(classes) + " |",
              "|---|---:|" + "---:|" * len(classes)]
     for r in results:
-        cells = ["-" if v != v else f"{100 * v:.1f}" for v in r.iou.values()]
+        values = [r.iou.get(name, float("nan")) for name in classes]
+        cells = ["-" if v != v else f"{100 * v:.1f}" for v in values]
         lines.append(f"| {r.row} | {100 * r.miou:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -164,11 +212,13 @@ def plot_steps(result: MethodResult, path: Path, *, baselines: dict[str, float])
     plt.close(fig)
 
 
-def write_results(results: list[MethodResult], out: Path, *, title: str, config: AdaptConfig, setup: dict) -> str:
+def write_results(results: list[MethodResult], out: Path, *, title: str, classes: list[str], config: AdaptConfig,
+                  setup: dict) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results, title=title)
+    table = markdown_table(results, title=title, classes=classes)
     (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"title": title, "config": asdict(config), "setup": setup,
+    (out / "results.json").write_text(json.dumps({"title": title, "classes": classes, "config": asdict(config),
+                                                  "setup": setup,
                                                   "results": [asdict(r) for r in results]}, indent=1))
     ttt = next((r for r in results if r.method == "ttt-kd"), None)
     if ttt is not None and ttt.miou_by_step:

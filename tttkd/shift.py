@@ -20,7 +20,7 @@ from tttkd.pipeline.synth import generate
 
 from .adapt import AdaptConfig
 from .data import DataConfig
-from .experiment import MethodResult, run_method, write_results
+from .experiment import MethodResult, run_method, scored_classes, write_results
 from .train import TrainConfig, train
 
 
@@ -84,24 +84,29 @@ def run_shift(out: Path, config: ShiftConfig, *, device, log=print) -> dict[str,
         log(f"adapt {source} -> {target}")
         cache = caches[target]
         ids = FeatureCache(cache).scene_ids(split="val")
+        # one class list for the whole table, the Oracle and the controls included
+        classes = scored_classes(FeatureCache(caches[source]).provenance["dataset"],
+                                 FeatureCache(cache).provenance["dataset"])
         plan = [("Oracle", "none", models[target]["joint"])] if config.oracle else []
         plan += [("Source-Only", "none", models[source]["source_only"]), ("Joint-Train", "none", models[source]["joint"])]
         plan += [(row, m, models[source]["source_only"]) for row, m in
                  (("TENT", "tent"), ("DUA", "dua"), ("AdaContrast", "adacontrast")) if m in config.methods]
         plan += [(row, m, models[source]["joint"]) for row, m in (("TTT-KD-O", "ttt-kd-o"), ("TTT-KD", "ttt-kd"))
                  if m in config.methods]
-        results: list[MethodResult] = [run_method(row, m, ckpt, cache, ids, config=config.adapt, device=device)
-                                       for row, m, ckpt in plan]
+        results: list[MethodResult] = [run_method(row, m, ckpt, cache, ids, config=config.adapt, device=device,
+                                                  classes=classes) for row, m, ckpt in plan]
         if config.controls:
             results.append(run_method("control: TTT-KD, shuffled targets", "ttt-kd-shuffled", models[source]["joint"],
-                                      cache, ids, config=config.adapt, device=device))
+                                      cache, ids, config=config.adapt, device=device, classes=classes))
             own = FeatureCache(caches[source]).scene_ids(split="val")
             results.append(run_method(f"control: in-distribution ({source} val), Joint-Train", "none",
-                                      models[source]["joint"], caches[source], own, config=config.adapt, device=device))
+                                      models[source]["joint"], caches[source], own, config=config.adapt, device=device,
+                                      classes=classes))
             results.append(run_method(f"control: in-distribution ({source} val), TTT-KD", "ttt-kd",
-                                      models[source]["joint"], caches[source], own, config=config.adapt, device=device))
+                                      models[source]["joint"], caches[source], own, config=config.adapt, device=device,
+                                      classes=classes))
         tables[f"{source}->{target}"] = write_results(
             results, out / "results" / f"synth_{source}-to-synth_{target}",
-            title=f"embedded domain {source} -> {target} ({len(ids)} val scenes)", config=config.adapt,
+            title=f"embedded domain {source} -> {target} ({len(ids)} val scenes)", classes=classes, config=config.adapt,
             setup={"scenes_per_domain": config.scenes, "views": config.views, "train": str(config.train)})
     return tables
