@@ -148,7 +148,7 @@ def test_offline_results_do_not_depend_on_scene_order(joint_checkpoint, synth_ca
     ttt_kd_offline(adapter, first, DATA, record_steps=[0, 2])
     after_another = ttt_kd_offline(adapter, second, DATA, record_steps=[0, 2])
     assert not torch.allclose(alone[2], alone[0])  # the steps changed the predictions...
-    torch.testing.assert_close(after_another[2], alone[2], rtol=0, atol=0)  # ...and left nothing behind
+    torch.testing.assert_close(after_another[2], alone[2])  # ...and left nothing behind (up to threaded sums)
     result = run_method("TTT-KD", "ttt-kd", joint_checkpoint, synth_cache, IDS, config=small_config(steps=2),
                         device="cpu")
     assert set(result.miou_by_step) == {0, 1, 2}
