@@ -18,8 +18,7 @@ import torch
 from rooms import room_scene
 
 from tttkd.adapt import AdaptConfig, TTTKD, rotated
-from tttkd.data import Batch, DataConfig, input_features, voxelize
-from tttkd.evaluate import predict_logits
+from tttkd.data import Batch, DataConfig, voxelize
 from tttkd.model import build_model, model_config
 from tttkd.train import TrainConfig, batch_losses
 
@@ -121,8 +120,15 @@ def test_one_training_step_on_cuda_matches_cpu():
         assert relative_error(results["cuda"][1][name], value) < 1e-4, name
 
 
-def test_predictions_on_cuda_and_cpu_agree():
-    cpu, cuda = twin_models()
+def test_a_cpu_checkpoint_predicts_the_same_on_cuda():
+    """A checkpoint written on CPU (Native convs) loads into CUDA's algorithms and predicts the
+    same labels, through both prediction paths."""
+    from dataclasses import asdict
+
+    from tttkd.checkpoint import model_from_checkpoint
+
+    cpu, _ = twin_models()
+    cuda = model_from_checkpoint({"model_config": asdict(cpu.config), "model": cpu.state_dict()}, device="cuda")
     labels = {}
     for device, model in (("cpu", cpu), ("cuda", cuda)):
         scene = room_scene(60_000, kd_dim=KD_DIM, device=device)

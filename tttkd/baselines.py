@@ -28,7 +28,6 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .adapt import RotatedScene, TargetScene, rotated
 from .data import DataConfig
