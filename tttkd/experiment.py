@@ -72,7 +72,7 @@ def target_scene_ids(cache_path: Path, *, split: str) -> list[str]:
         return scene_ids
     scene_ids = cache.scene_ids(split=split)
     if not scene_ids:
-        present = sorted({cache.scene_attrs(s).get("split") or "(no split)" for s in cache.scene_ids()})
+        present = sorted(split or "(no split)" for split in cache.split_counts())
         raise ValueError(f"{cache_path}: no complete scene of split {split!r} (splits present: "
                          f"{', '.join(present) or 'none'}); choose one with --split, or --split all")
     return scene_ids
