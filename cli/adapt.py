@@ -44,6 +44,7 @@ def adapt(
     from tttkd.experiment import METHODS, plan_rows, run_method, scored_classes, target_scene_ids, write_results
     from tttkd.pipeline.cache import FeatureCache
     from tttkd.pipeline.job import default_device
+    from tttkd.pipeline.manifests import paper_results
 
     joint, cache = resolve(source, target, checkpoint=checkpoint, cache=cache)
     out = out or Path("results") / f"{source}-to-{target}"
@@ -60,7 +61,8 @@ def adapt(
         scene_ids = target_scene_ids(cache, split=split)
         # --source names the run; the source model knows the dataset it was trained on
         source_dataset = load_checkpoint(joint).get("dataset") or source
-        classes = scored_classes(source_dataset, FeatureCache(cache).provenance["dataset"])
+        target_dataset = FeatureCache(cache).provenance["dataset"]
+        classes = scored_classes(source_dataset, target_dataset)
         results = []
         with Progress(console=console) as bar:
             for row, name, ckpt in plan_rows(joint=joint, source_only=source_only, oracle=oracle, methods=methods):
@@ -72,7 +74,7 @@ def adapt(
     except (OSError, ValueError) as e:
         fail(str(e))
     table = write_results(results, out, title=f"{source} -> {target} ({len(scene_ids)} {split} scenes)",
-                          classes=classes, config=config,
+                          classes=classes, config=config, paper=paper_results(source_dataset, target_dataset),
                           setup={"source": source, "source_dataset": source_dataset, "target": target,
                                  "split": split, "checkpoint": str(joint),
                                  "source_only": str(source_only), "oracle": str(oracle), "cache": str(cache)})

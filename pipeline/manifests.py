@@ -41,3 +41,10 @@ def shared_classes(source: str, target: str) -> list[tuple[str, str]]:
         if pair["datasets"] == [target, source]:
             return [(t, s) for s, t in pair["classes"]]
     raise ValueError(f"no shared-class map for {source} -> {target} in data_manifests/shared_classes.json")
+
+
+def paper_results(source: str, target: str) -> dict[str, float]:
+    """The paper's mIoU (%) of each row of Table 1 (Mink backbone) for `source` -> `target`, or {}
+    where the paper has no such experiment (e.g. the embedded domains)."""
+    table = json.loads((manifest_dir("") / "paper_table1.json").read_text())
+    return next((dict(r["miou"]) for r in table["results"] if (r["source"], r["target"]) == (source, target)), {})

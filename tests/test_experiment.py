@@ -36,6 +36,22 @@ def test_markdown_table_puts_each_iou_under_its_class_name_whatever_the_rows_ord
     assert lines[6] == "| TENT | 0.0 | - | 0.0 | - |"
 
 
+def test_the_paper_s_table_1_numbers_sit_beside_ours_for_its_transfers():
+    from tttkd.pipeline.manifests import paper_results
+
+    paper = paper_results("s3dis", "scannet")
+    assert paper["TTT-KD"] == 68.4 and paper["Oracle"] == 84.2 and paper["Source-Only"] == 54.9
+    assert paper_results("scannet", "matterport")["TTT-KD"] == 55.3
+    assert "Oracle" not in paper_results("scannet", "scannet") and paper_results("scannet", "synth") == {}
+    for source in ("scannet", "s3dis", "matterport"):
+        for target in ("scannet", "s3dis", "matterport"):
+            assert len(paper_results(source, target)) == (7 if source == target else 8)
+    table = markdown_table([result("TTT-KD", {"floor": 0.5}), result("control: shuffled", {"floor": 0.25})],
+                           title="t", classes=["floor"], paper=paper).splitlines()
+    assert table[2] == "| method | mIoU | paper (Mink) | floor |"
+    assert table[4] == "| TTT-KD | 50.0 | 68.4 | 50.0 |" and table[5] == "| control: shuffled | 25.0 | - | 25.0 |"
+
+
 def as_other_dataset(checkpoint_path, out, *, dataset: str):
     """The same network relabelled as trained on `dataset`: each output keeps its meaning, under that
     dataset's name for the class where the two datasets share it (e.g. s3dis `bookcase` for scannet

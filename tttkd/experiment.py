@@ -182,14 +182,18 @@ def plan_rows(*, joint: Path | None, source_only: Path | None, oracle: Path | No
             (method in methods or (method == "none" and "none" in methods))]
 
 
-def markdown_table(results: list[MethodResult], *, title: str, classes: list[str]) -> str:
-    """One header from `classes`; each row's IoU sits under its class name ("-": no IoU)."""
-    lines = [f"### {title}", "", "| method | mIoU | " + " | ".join(classes) + " |",
-             "|---|---:|" + "---:|" * len(classes)]
+def markdown_table(results: list[MethodResult], *, title: str, classes: list[str],
+                   paper: dict[str, float] | None = None) -> str:
+    """One header from `classes`; each row's IoU sits under its class name ("-": no IoU). With
+    `paper` (row -> the paper's mIoU, `paper_results`), a column puts the paper's number beside ours."""
+    paper_header, paper_rule = ("paper (Mink) | ", "---:|") if paper else ("", "")
+    lines = [f"### {title}", "", f"| method | mIoU | {paper_header}" + " | ".join(classes) + " |",
+             "|---|---:|" + paper_rule + "---:|" * len(classes)]
     for r in results:
         values = [r.iou.get(name, float("nan")) for name in classes]
         cells = ["-" if v != v else f"{100 * v:.1f}" for v in values]
-        lines.append(f"| {r.row} | {100 * r.miou:.1f} | " + " | ".join(cells) + " |")
+        paper_cell = (f"{paper[r.row]:.1f} | " if r.row in paper else "- | ") if paper else ""
+        lines.append(f"| {r.row} | {100 * r.miou:.1f} | {paper_cell}" + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -213,12 +217,12 @@ def plot_steps(result: MethodResult, path: Path, *, baselines: dict[str, float])
 
 
 def write_results(results: list[MethodResult], out: Path, *, title: str, classes: list[str], config: AdaptConfig,
-                  setup: dict) -> str:
+                  setup: dict, paper: dict[str, float] | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results, title=title, classes=classes)
+    table = markdown_table(results, title=title, classes=classes, paper=paper)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"title": title, "classes": classes, "config": asdict(config),
-                                                  "setup": setup,
+                                                  "setup": setup, "paper_miou": paper or {},
                                                   "results": [asdict(r) for r in results]}, indent=1))
     ttt = next((r for r in results if r.method == "ttt-kd"), None)
     if ttt is not None and ttt.miou_by_step:
