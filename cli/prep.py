@@ -56,6 +56,8 @@ def extract(
     weights: WeightsOpt = None,
     image_scale: ScaleOpt = 0.25,
     batch_size: Annotated[int, typer.Option(help="images per teacher batch")] = 16,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list scenes, their points and usable images; "
+                                           "run no teacher, write nothing")] = False,
 ):
     """Project each scene's points into its images, run the teacher once per image, and write the cache."""
     from tttkd.pipeline.extract import PrepConfig
@@ -67,6 +69,9 @@ def extract(
     scene_ids = [s.strip() for value in scenes for s in value.split(",") if s.strip()] if scenes else None
     if split is None and not scene_ids:
         fail("give --split NAME (the scenes of the dataset's split list) or --scenes ID,ID,... (scenes of no split)")
+    if dry_run:
+        _dry_run(config, scene_ids=scene_ids, split=split)
+        return
     try:
         report = run_extraction(config, out=out, scene_ids=scene_ids, split=split, workers=workers,
                                 scheduler=scheduler, device=device)
@@ -78,6 +83,40 @@ def extract(
         console.print(f"views skipped: {report.views_skipped}")
     _print_info(out)
     if report.failed:
+        raise typer.Exit(1)
+
+
+def _dry_run(config, *, scene_ids: list[str] | None, split: str | None) -> None:
+    """One table row per scene: points, labelled share, usable and skipped views, or its error."""
+    from rich.progress import Progress
+
+    from tttkd.pipeline.extract import make_reader, survey_scene
+
+    try:
+        reader = make_reader(config.dataset, config.root)
+        scene_ids = scene_ids or reader.scene_ids(split)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    if not scene_ids:
+        fail(f"{config.root}: no scenes in split {split!r} of {config.dataset}")
+    rows = []
+    with Progress(console=console, transient=True) as bar:
+        for scene_id in bar.track(scene_ids, description="reading scenes"):
+            rows.append(survey_scene(reader, scene_id, config))
+    table = Table(title=f"{config.dataset} at {config.root}: {len(rows)} scenes (dry run)")
+    for column in ("scene", "points", "labelled", "images", "skipped", "status"):
+        table.add_column(column, justify="right" if column in ("points", "labelled", "images") else "left")
+    for r in rows:
+        skipped = ", ".join(f"{k}: {v}" for k, v in r.views_skipped.items())
+        table.add_row(r.scene_id, str(r.num_points), f"{r.labelled_fraction:.0%}", str(r.num_views), skipped,
+                      "[red]problem[/red]" if r.error else "ok")
+    console.print(table)
+    bad = [r for r in rows if r.error]
+    for r in bad:  # whole lines, so a long path is never wrapped away
+        console.print(f"[red]problem[/red] {r.scene_id}: {r.error}", soft_wrap=True, highlight=False)
+    console.print(f"{len(rows) - len(bad)} scenes ready, {len(bad)} with problems; "
+                  f"{sum(r.num_views for r in rows)} images, {sum(r.num_points for r in rows)} points")
+    if bad:
         raise typer.Exit(1)
 
 

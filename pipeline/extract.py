@@ -66,7 +66,35 @@ READERS = {"scannet": ScanNetReader}
 def make_reader(dataset: str, root: Path) -> DatasetReader:
     if dataset not in READERS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (the {dataset} dataset root, given with --root)")
     return READERS[dataset](root)
+
+
+@dataclass
+class SceneSurvey:
+    """What a dry run finds for one scene, without running the teacher."""
+
+    scene_id: str
+    num_points: int = 0
+    labelled_fraction: float = 0.0
+    num_views: int = 0
+    """Views that extraction would use (after `max_views`)."""
+    views_skipped: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def survey_scene(reader: DatasetReader, scene_id: str, config: PrepConfig) -> SceneSurvey:
+    """Read one scene's points and views as extraction would; a bad scene comes back with its error."""
+    try:
+        scene = reader.read_scene(scene_id)
+        view_set = reader.read_views(scene_id)
+    except (OSError, SceneReadError, ValueError) as e:
+        return SceneSurvey(scene_id, error=str(e))
+    views = select_views(view_set.views, config.max_views, seed=config.seed, scene_id=scene_id)
+    labelled = float((scene.label >= 0).mean()) if scene.num_points else 0.0
+    return SceneSurvey(scene_id, scene.num_points, labelled, len(views), dict(view_set.skipped),
+                       "" if views else f"scene {scene_id}: no usable views ({view_set.skipped or 'none found'})")
 
 
 def select_views(views: list[View], max_views: int | None, *, seed: int, scene_id: str) -> list[View]:

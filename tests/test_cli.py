@@ -94,3 +94,22 @@ def test_bench_extract_prints_both_throughputs(tmp_path):
     record = json.loads(out.read_text())
     assert record["model_images_per_s"] > 0 and record["end_to_end_images_per_s"] > 0
     assert "model only: images / s" in result.output
+
+
+def test_extract_dry_run_lists_scenes_and_names_what_is_wrong(tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    assert runner.invoke(prep_app, ["synth", "--out", str(root), "--scenes", "2", "--views", "3"]).exit_code == 0
+    result = runner.invoke(prep_app, ["extract", "--root", str(root), "--scenes", "scene0000_00,scene0001_00",
+                                      "--dry-run", "--out", str(tmp_path / "never.zarr")])
+    assert result.exit_code == 0, result.output
+    assert "scene0000_00" in result.output and "2 scenes ready, 0 with problems" in result.output
+    assert not (tmp_path / "never.zarr").exists()  # a dry run writes nothing
+    shutil.rmtree(root / "scannet_frames_25k" / "scene0001_00" / "color")
+    result = runner.invoke(prep_app, ["extract", "--root", str(root), "--scenes", "scene0000_00,scene0001_00",
+                                      "--dry-run"])
+    assert result.exit_code == 1 and "1 scenes ready, 1 with problems" in result.output
+    assert "no colour frames for scene scene0001_00" in result.output.replace("\n", "")
+    result = runner.invoke(prep_app, ["extract", "--root", str(tmp_path / "nowhere"), "--split", "val", "--dry-run"])
+    assert result.exit_code == 1 and "nowhere: no such folder" in result.output
