@@ -121,6 +121,41 @@ def _dry_run(config, *, scene_ids: list[str] | None, split: str | None) -> None:
 
 
 @app.command()
+def verify(
+    store: Annotated[Path, typer.Argument(help="feature cache to check")],
+    recompute: Annotated[int, typer.Option(help="also extract this many random scenes again and compare")] = 0,
+    root: Annotated[Optional[Path], typer.Option(help="dataset root, for --recompute")] = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = None,
+):
+    """Check every complete scene of a cache: arrays, shapes, dtypes, checksums, index ranges, finite
+    values, feature norms; exit code 1 on any problem."""
+    from rich.progress import Progress
+
+    from tttkd.pipeline.cache import CacheError, FeatureCache
+    from tttkd.pipeline.job import default_device
+    from tttkd.pipeline.verify import verify_store
+
+    try:
+        total = len(FeatureCache(store).scene_ids())
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("checking scenes", total=total)
+            checks = verify_store(store, recompute=recompute, root=root, weights=weights,
+                                  device=device or default_device(), progress=lambda _: bar.advance(task))
+    except (OSError, CacheError, ValueError) as e:
+        fail(str(e))
+    for check in checks:
+        for problem in check.problems:
+            console.print(f"[red]problem[/red] {check.scene_id}: {problem}", soft_wrap=True, highlight=False)
+        if check.min_cosine is not None and check.ok:
+            console.print(f"{check.scene_id}: re-extracted, lowest cosine {check.min_cosine:.4f}")
+    bad = [c for c in checks if not c.ok]
+    console.print(f"{store}: {len(checks) - len(bad)} scenes ok, {len(bad)} with problems", soft_wrap=True)
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
 def info(
     store: Annotated[Path, typer.Argument(help="feature cache to describe")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,

@@ -23,6 +23,10 @@ exactly the paper's expectation over images (§3.2) at the cost of one vector pe
 dtype, the projection parameters, dataset, splits and code version; a trainer refuses a cache whose
 teacher differs from its checkpoint's.
 
+Integrity: every chunk carries a crc32c checksum (zarr's `crc32c` codec after zstd), so a flipped
+bit or a truncated chunk fails on read with an error naming the scene and the array;
+`tttkd-prep verify` checks a whole store.
+
 Concurrency: each scene group is written by exactly one worker, which sets `complete` last; only
 the job's client writes the root attributes. A scene without `complete: true` is never read.
 Metadata is not consolidated: consolidated metadata would hide scenes added by a later run.
@@ -31,6 +35,7 @@ Metadata is not consolidated: consolidated metadata would hide scenes added by a
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +45,7 @@ import zarr
 from .scene import Scene, check_scene_id
 
 FORMAT_VERSION = 1
+ARRAY_NAMES = ("coord", "color", "normal", "label", "seen_index", "feature", "view_count")
 POINT_CHUNK = 1 << 17  # rows per chunk of per-point arrays: ~1.5 MB of coord
 FEATURE_CHUNK_BYTES = 4 << 20  # 2048 rows of ViT-L features: a KD window touches few chunks
 # provenance keys that must agree for two runs to write into one store
@@ -138,7 +144,8 @@ def write_scene(path: Path, scene: Scene, *, seen_index: np.ndarray, feature: np
     }
     for name, (data, chunks) in arrays.items():
         chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape))
-        array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+        array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                   compressors=(zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec()))
         if data.size:
             array[...] = data
     # the flag goes last: a scene interrupted before this line reads as incomplete and is redone
@@ -185,15 +192,15 @@ class FeatureCache:
 
     def read(self, scene_id: str) -> CachedScene:
         group = self._complete_group(scene_id)
-        return CachedScene(scene_id, *(group[name][...] for name in
-                                       ("coord", "color", "normal", "label", "seen_index", "feature", "view_count")))
+        return CachedScene(scene_id, *(self._array(group, scene_id, name, ...) for name in ARRAY_NAMES))
 
     def read_points(self, scene_id: str) -> CachedScene:
         """A scene without its features (`feature` is an empty (0, D) array): what a data loader
         needs before it knows which points it will distil."""
         group = self._complete_group(scene_id)
-        return CachedScene(scene_id, *(group[name][...] for name in ("coord", "color", "normal", "label", "seen_index")),
-                           feature=np.zeros((0, group["feature"].shape[1]), np.float16), view_count=group["view_count"][...])
+        points = (self._array(group, scene_id, name, ...) for name in ("coord", "color", "normal", "label", "seen_index"))
+        return CachedScene(scene_id, *points, feature=np.zeros((0, group["feature"].shape[1]), np.float16),
+                           view_count=self._array(group, scene_id, "view_count", ...))
 
     def read_features(self, scene_id: str, rows: np.ndarray) -> np.ndarray:
         """(len(rows), D) float16 features of the given rows of `seen_index` (any order)."""
@@ -201,18 +208,24 @@ class FeatureCache:
         order = np.argsort(rows)
         out = np.empty((len(rows), group["feature"].shape[1]), np.float16)
         if len(rows):
-            out[order] = group["feature"].get_orthogonal_selection((rows[order], slice(None)))
+            with _reading(self.path, scene_id, "feature"):
+                out[order] = group["feature"].get_orthogonal_selection((rows[order], slice(None)))
         return out
 
     def read_feature_window(self, scene_id: str, start: int, length: int) -> np.ndarray:
         """Rows start .. start + length of `feature`, wrapping around the end: (length, D) float16."""
-        feature = self._complete_group(scene_id)["feature"]
-        rows = feature.shape[0]
+        group = self._complete_group(scene_id)
+        rows = group["feature"].shape[0]
         assert 0 <= start < rows and 0 < length <= rows
         end = start + length
         if end <= rows:
-            return feature[start:end]
-        return np.concatenate([feature[start:], feature[: end - rows]])
+            return self._array(group, scene_id, "feature", slice(start, end))
+        return np.concatenate([self._array(group, scene_id, "feature", slice(start, None)),
+                               self._array(group, scene_id, "feature", slice(None, end - rows))])
+
+    def _array(self, group, scene_id: str, name: str, selection) -> np.ndarray:
+        with _reading(self.path, scene_id, name):
+            return group[name][selection]
 
     def _complete_group(self, scene_id: str):
         group = self.root["scenes"].get(check_scene_id(scene_id))
@@ -222,6 +235,19 @@ class FeatureCache:
 
     def bytes_on_disk(self) -> int:
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.path) for f in files)
+
+
+@contextmanager
+def _reading(path: Path, scene_id: str, name: str):
+    """Turn a missing array or a chunk that fails its checksum or decoding into a CacheError that
+    names the scene and the array."""
+    try:
+        yield
+    except KeyError as e:
+        raise CacheError(f"{path}: scene {scene_id} has no array {name!r} (run `tttkd-prep verify {path}`)") from e
+    except (ValueError, RuntimeError, OSError) as e:
+        raise CacheError(f"{path}: scene {scene_id}, array {name!r}: corrupt chunk ({e}); "
+                         f"run `tttkd-prep verify {path}` and re-extract the scene") from e
 
 
 def summarize(path: Path) -> dict:
