@@ -310,3 +310,31 @@ def test_cli_eval_of_an_s3dis_checkpoint_on_a_scannet_cache_scores_the_shared_cl
     record = json.loads((tmp_path / "eval-synth_a.zarr.json").read_text())
     assert list(record["iou"]) == [t for _, t in shared_classes("s3dis", "scannet")]
     assert "bookshelf" in record["iou"] and "ceiling" not in record["iou"] and len(record["confusion"][0]) == 9
+
+
+class Payload:
+    """Unpickling this would run code: it writes a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from tttkd.checkpoint import load_checkpoint
+    from tttkd.cli.main import app
+
+    marker, evil = tmp_path / "ran", tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Payload(marker)}, evil)
+    with pytest.raises(ValueError, match="evil.pt: refused to load: it holds the Python object io.open"):
+        load_checkpoint(evil)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(evil), "--cache", str(tmp_path)])
+    assert result.exit_code == 1 and "refused to load" in result.output
+    assert not marker.exists()  # nothing ran

@@ -6,6 +6,8 @@ one never runs code.
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -39,7 +41,16 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain data
+        forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if forbidden:
+            raise ValueError(f"{path}: refused to load: it holds the Python object {forbidden.group(1)}, not only "
+                             "tensors and plain data; loading it could run code") from e
+        raise ValueError(f"{path}: not a readable checkpoint (not a file written by torch.save)") from e
+    except (RuntimeError, EOFError) as e:  # a truncated or damaged archive
+        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
 
 
 def model_from_checkpoint(checkpoint: dict, *, device) -> TTTKDNet:
