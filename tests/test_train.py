@@ -338,3 +338,18 @@ def test_a_checkpoint_that_would_run_code_is_refused_with_one_line(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--checkpoint", str(evil), "--cache", str(tmp_path)])
     assert result.exit_code == 1 and "refused to load" in result.output
     assert not marker.exists()  # nothing ran
+
+
+def test_a_checkpoint_of_another_trainer_or_backbone_is_one_clear_error(tmp_path):
+    from tttkd.checkpoint import model_from_checkpoint
+
+    with pytest.raises(ValueError, match="not a tttkd checkpoint: no model_config or model entry"):
+        model_from_checkpoint({"state_dict": {}, "epoch": 3}, device="cpu")  # Pointcept's layout
+    small = build_model(model_config("small", kd_dim=8, num_classes=5))
+    from dataclasses import asdict
+
+    wider = asdict(model_config("small", kd_dim=8, num_classes=5, stem_channels=32))
+    with pytest.raises(ValueError, match="weights do not fit the network"):
+        model_from_checkpoint({"model_config": wider, "model": small.state_dict()}, device="cpu")
+    with pytest.raises(ValueError, match="not a tttkd ModelConfig"):
+        model_from_checkpoint({"model_config": {**wider, "heads": 3}, "model": small.state_dict()}, device="cpu")

@@ -54,10 +54,22 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def model_from_checkpoint(checkpoint: dict, *, device) -> TTTKDNet:
+    """The network a checkpoint describes, with its weights. A checkpoint of another trainer or
+    backbone (e.g. Pointcept's) is refused with what is missing or mismatched."""
+    missing = [key for key in ("model_config", "model") if key not in checkpoint]
+    if missing:
+        raise ValueError(f"not a tttkd checkpoint: no {' or '.join(missing)} entry (keys: {', '.join(map(str, checkpoint))})")
     config = checkpoint["model_config"]
-    model = build_model(ModelConfig(**{**config, "channels": tuple(config["channels"]),
-                                       "layers": tuple(config["layers"])}), device=device)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model_config = ModelConfig(**{**config, "channels": tuple(config["channels"]), "layers": tuple(config["layers"])})
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"checkpoint's model_config is not a tttkd ModelConfig ({e})") from e
+    model = build_model(model_config, device=device)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:  # missing, unexpected or differently shaped tensors
+        raise ValueError("checkpoint's weights do not fit the network its model_config describes: "
+                         + " ".join(str(e).split())[:300]) from e
     return model
 
 
