@@ -164,3 +164,35 @@ def accuracy(
         console.print(table)
     (out / "results.md").write_text("\n".join(tables.values()))
     console.print(f"wrote {out / 'results.md'}")
+
+
+@app.command("visibility")
+def visibility(
+    tolerances: Annotated[str, typer.Option(help="relative:absolute_m pairs, comma-separated")] = "0.25:0,0.01:0,0.005:0.02,0:0.04",
+    scenes: Annotated[int, typer.Option(help="embedded rooms per domain")] = 4,
+    views: Annotated[int, typer.Option(help="views per room")] = 8,
+    domains: Annotated[str, typer.Option(help="embedded domains, comma-separated")] = "a,b",
+    out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-visibility.json"),
+):
+    """Precision and recall of the depth test against the generator's exact visibility (CPU)."""
+    from dataclasses import asdict
+
+    from tttkd.pipeline.visibility import visibility_study
+
+    try:
+        pairs = [tuple(float(x) for x in item.split(":")) for item in tolerances.split(",")]
+        assert all(len(p) == 2 for p in pairs)
+    except (ValueError, AssertionError):
+        fail(f"--tolerances {tolerances!r}: give relative:absolute_m pairs such as 0.25:0,0.005:0.02")
+    table = Table(title=f"depth-test visibility vs exact truth ({scenes} rooms x {views} views per domain)")
+    for column in ("domain", "relative", "absolute (m)", "precision", "recall", "points with features no view sees"):
+        table.add_column(column, justify="right")
+    rows = []
+    for domain in domains.split(","):
+        for r in visibility_study(pairs, scenes=scenes, views=views, domain=domain):
+            rows.append({"domain": domain, **asdict(r)})
+            table.add_row(domain, f"{r.depth_tolerance:g}", f"{r.depth_tolerance_m:g}", f"{r.precision:.3f}",
+                          f"{r.recall:.3f}", f"{r.hidden_feature_share:.1%}")
+    console.print(table)
+    out.write_text(json.dumps(rows, indent=1))
+    console.print(f"wrote {out}")

@@ -20,8 +20,14 @@ from .scene import Camera
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    depth_tolerance: float = 0.25
-    """Relative depth agreement for visibility (OpenScene: 0.25 on ScanNet, 0.02 on Matterport3D)."""
+    depth_tolerance: float = 0.005
+    """Relative depth agreement for visibility: a point is seen if
+    |depth - z| <= depth_tolerance_m + depth_tolerance * depth. OpenScene uses 0.25 (ScanNet) and
+    0.02 (Matterport3D) with no absolute part; measured against exact visibility on the embedded
+    rooms (`tttkd bench visibility`), 0.25 gave features to 19% of points that no view sees, while
+    this default keeps recall 0.992 at precision 0.981 (README, Extraction)."""
+    depth_tolerance_m: float = 0.02
+    """Absolute part of the depth agreement, for the sensor's noise on near points."""
     border_px: float = 10.0
     """Margin from the image edges, in pixels of the full-resolution image (OpenScene: 10)."""
     zbuffer_tolerance_m: float = 0.05
@@ -91,21 +97,23 @@ def project_view(
     index, uv, z = in_front[inside], uv[inside], z[in_front][inside]
     if depth is not None:
         assert depth_camera is not None, "a depth image needs its camera"
-        visible = _depth_test(points_cam[index], z, depth, depth_camera, depth_scale, config.depth_tolerance)
+        visible = _depth_test(points_cam[index], z, depth, depth_camera, depth_scale, config.depth_tolerance,
+                              config.depth_tolerance_m)
     else:
         visible = _zbuffer_test(np.rint(uv).astype(np.int64), z, camera, config.zbuffer_tolerance_m)
     return Projection(index[visible], uv[visible].astype(np.float32))
 
 
-def _depth_test(points_cam, z, depth, depth_camera, depth_scale, tolerance) -> np.ndarray:
+def _depth_test(points_cam, z, depth, depth_camera, depth_scale, tolerance, tolerance_m) -> np.ndarray:
     # Depth and colour frames of ScanNet are registered: the same pose, different intrinsics.
     pixel = np.rint(camera_to_pixel(points_cam, depth_camera)).astype(np.int64)
     h, w = depth.shape
     on_image = (pixel[:, 0] >= 0) & (pixel[:, 0] < w) & (pixel[:, 1] >= 0) & (pixel[:, 1] < h)
     measured = np.zeros(len(z))
-    measured[on_image] = depth[pixel[on_image, 1], pixel[on_image, 0]] / depth_scale
-    # a zero depth is "no measurement": the point is not confirmed visible
-    return on_image & (measured > 0) & (np.abs(measured - z) <= tolerance * measured)
+    raw = depth[pixel[on_image, 1], pixel[on_image, 0]].astype(np.float64)
+    # 0 (ScanNet, Matterport3D) and 65535 (2D-3D-S) mean "no measurement": not confirmed visible
+    measured[on_image] = np.where(raw == 65535, 0, raw) / depth_scale
+    return on_image & (measured > 0) & (np.abs(measured - z) <= tolerance_m + tolerance * measured)
 
 
 def _zbuffer_test(pixel, z, camera, tolerance_m) -> np.ndarray:

@@ -309,16 +309,46 @@ def camera_poses(boxes: list[Box], rng: np.random.Generator, count: int) -> list
     return poses
 
 
+@dataclass
+class Room:
+    """One generated room before it is written: its geometry, its points (clean and as the sensor
+    reports them) and its camera poses."""
+
+    boxes: list[Box]
+    clean_coord: np.ndarray  # (N, 3) on the surfaces
+    coord: np.ndarray        # (N, 3) with the domain's sensor noise
+    normal: np.ndarray
+    nyu40: np.ndarray
+    color: np.ndarray        # (N, 3) uint8
+    poses: list[np.ndarray]
+    camera: Camera           # of the written colour and depth images
+
+
+def make_room(rng: np.random.Generator, domain: Domain, views: int) -> Room:
+    boxes = build_room(rng, domain)
+    clean, normal, owner = sample_points(boxes, rng, domain)
+    nyu40 = np.array([b.nyu40 for b in boxes])[owner]
+    nyu40 = np.where(owner == 0, shell_labels(normal), nyu40)
+    color = shade(boxes, owner, clean, normal, domain) * 255
+    color = np.clip(color + rng.normal(0, domain.color_noise, color.shape), 0, 255).round().astype(np.uint8)
+    coord = clean + rng.normal(0, domain.coord_noise_m, clean.shape)
+    camera = Camera(SENSOR_INTRINSICS, *SENSOR_SIZE).resized(*IMAGE_SIZE)
+    return Room(boxes, clean, coord, normal, nyu40, color, camera_poses(boxes, rng, views), camera)
+
+
+def visible_from(room: Room, pose: np.ndarray) -> np.ndarray:
+    """(N,) bool: exact visibility of each clean surface point from the camera at `pose` (nothing
+    between the camera centre and the point), ignoring the image bounds."""
+    origin = pose[:3, 3]
+    t, _, _ = ray_cast(room.boxes, origin, room.clean_coord - origin)  # t = 1 at the point itself
+    return t > 1 - 1e-3
+
+
 def write_scene(root: Path, scene_id: str, *, domain: Domain, rng: np.random.Generator, views: int,
                 invalid_pose: bool) -> int:
     """Generate one scene under `root` in the ScanNet layout; return its number of points."""
-    boxes = build_room(rng, domain)
-    coord, normal, owner = sample_points(boxes, rng, domain)
-    nyu40 = np.array([b.nyu40 for b in boxes])[owner]
-    nyu40 = np.where(owner == 0, shell_labels(normal), nyu40)
-    color = shade(boxes, owner, coord, normal, domain) * 255
-    color = np.clip(color + rng.normal(0, domain.color_noise, color.shape), 0, 255).round().astype(np.uint8)
-    coord = coord + rng.normal(0, domain.coord_noise_m, coord.shape)
+    room = make_room(rng, domain, views)
+    coord, normal, nyu40, color, camera = room.coord, room.normal, room.nyu40, room.color, room.camera
 
     scan = root / "scans" / scene_id
     scan.mkdir(parents=True, exist_ok=True)
@@ -338,12 +368,11 @@ def write_scene(root: Path, scene_id: str, *, domain: Domain, rng: np.random.Gen
     sensor = np.eye(4)
     sensor[:3, :3] = SENSOR_INTRINSICS
     np.savetxt(frames / "intrinsics_color.txt", sensor, fmt="%.6f")
-    camera = Camera(SENSOR_INTRINSICS, *SENSOR_SIZE).resized(*IMAGE_SIZE)
     depth_k = np.eye(4)
     depth_k[:3, :3] = camera.intrinsics
     np.savetxt(frames / "intrinsics_depth.txt", depth_k, fmt="%.6f")
-    for index, pose in enumerate(camera_poses(boxes, rng, views)):
-        image, depth = render(boxes, pose, camera, domain)
+    for index, pose in enumerate(room.poses):
+        image, depth = render(room.boxes, pose, camera, domain)
         frame = f"{index * 100:06d}"  # the 25k subset keeps every 100th frame
         Image.fromarray(image).save(frames / "color" / f"{frame}.jpg", quality=90)
         Image.fromarray((depth * 1000).round().astype(np.uint16)).save(frames / "depth" / f"{frame}.png")

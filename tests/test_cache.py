@@ -146,7 +146,8 @@ def test_two_worker_dask_run_writes_one_store_and_resumes(synth_root, tmp_path):
     assert prov["feature_dim"] == 472 and prov["teacher"] == "efficientnet_lite0" and len(prov["weights_sha256"]) == 64
     for scene_id in ids:
         s = c.read(scene_id)
-        assert s.feature.shape == (len(s.seen_index), 472) and len(s.seen_index) > 0.2 * len(s.coord)
+        # two or three views of a room: a tenth of its points at least (exact visibility, no hidden points)
+        assert s.feature.shape == (len(s.seen_index), 472) and len(s.seen_index) > 0.1 * len(s.coord)
         norms = np.linalg.norm(s.feature.astype(np.float32), axis=1)
         # a mean of unit vectors: at most 1, exactly 1 where a single view saw the point
         assert norms.max() <= 1.01
