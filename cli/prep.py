@@ -41,7 +41,7 @@ def synth(
 
 @app.command()
 def extract(
-    dataset: Annotated[str, typer.Option(help="dataset reader")] = "scannet",
+    dataset: Annotated[str, typer.Option(help="dataset reader: scannet, s3dis, matterport (or matterport3d), custom")] = "scannet",
     root: Annotated[Path, typer.Option(help="dataset root")] = Path("data/scannet"),
     model: TeacherOpt = "dinov2_vitl14",
     out: Annotated[Optional[Path], typer.Option(help="store to write (default ./zarr/<dataset>)")] = None,
@@ -56,6 +56,14 @@ def extract(
     weights: WeightsOpt = None,
     image_scale: ScaleOpt = 0.25,
     batch_size: Annotated[int, typer.Option(help="images per teacher batch")] = 16,
+    frames_source: Annotated[Optional[str], typer.Option(help="scannet: folder (25k-subset frames) or sens (.sens streams)")] = None,
+    frame_skip: Annotated[Optional[int], typer.Option(help="scannet --frames-source sens: keep every N-th frame (default 20)")] = None,
+    sens_cache: Annotated[Optional[Path], typer.Option(help="scannet --frames-source sens: where frames are exported (default ROOT/sens_frames)")] = None,
+    points: Annotated[Optional[str], typer.Option(help="scannet: mesh (scans/*_vh_clean_2.ply) or pointcept (preprocessed .npy)")] = None,
+    points_root: Annotated[Optional[Path], typer.Option(help="scannet --points pointcept: the preprocessed folder (default ROOT)")] = None,
+    images_root: Annotated[Optional[Path], typer.Option(help="s3dis: the 2D-3D-S folder holding area_* (default ROOT)")] = None,
+    depth_tolerance: Annotated[float, typer.Option(help="visibility: relative depth agreement (OpenScene: 0.25)")] = 0.005,
+    depth_tolerance_m: Annotated[float, typer.Option(help="visibility: absolute depth agreement in metres (OpenScene: 0)")] = 0.02,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list scenes, their points and usable images; "
                                            "run no teacher, write nothing")] = False,
 ):
@@ -63,8 +71,14 @@ def extract(
     from tttkd.pipeline.extract import PrepConfig
     from tttkd.pipeline.job import run_extraction
 
+    from tttkd.pipeline.project import ProjectionConfig
+
+    options = {"frames_source": frames_source, "frame_skip": frame_skip, "sens_cache": sens_cache, "points": points,
+               "points_root": points_root, "images_root": images_root}
+    reader_options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
     config = PrepConfig(dataset=dataset, root=root, teacher=model, weights=weights, image_scale=image_scale,
-                        max_views=max_views, batch_size=batch_size)
+                        max_views=max_views, batch_size=batch_size, reader_options=reader_options,
+                        projection=ProjectionConfig(depth_tolerance=depth_tolerance, depth_tolerance_m=depth_tolerance_m))
     out = out or Path("zarr") / dataset
     scene_ids = [s.strip() for value in scenes for s in value.split(",") if s.strip()] if scenes else None
     if split is None and not scene_ids:
@@ -93,7 +107,7 @@ def _dry_run(config, *, scene_ids: list[str] | None, split: str | None) -> None:
     from tttkd.pipeline.extract import make_reader, survey_scene
 
     try:
-        reader = make_reader(config.dataset, config.root)
+        reader = make_reader(config.dataset, config.root, config.reader_options)
         scene_ids = scene_ids or reader.scene_ids(split)
     except (OSError, ValueError) as e:
         fail(str(e))

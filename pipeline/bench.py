@@ -28,7 +28,7 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, repe
                   warmup: int = 2) -> dict:
     """Time the teacher on batches of real images, then extract `scene_ids` end to end."""
     teacher = load_teacher(config.teacher, weights=config.weights, device=device)
-    reader = make_reader(config.dataset, config.root)
+    reader = make_reader(config.dataset, config.root, config.reader_options)
     views = reader.read_views(scene_ids[0]).views
     images = [teacher.prepare(decode_image(v.image_path, scale=config.image_scale))
               for v in (views * config.batch_size)[: config.batch_size]]

@@ -50,7 +50,7 @@ POINT_CHUNK = 1 << 17  # rows per chunk of per-point arrays: ~1.5 MB of coord
 FEATURE_CHUNK_BYTES = 4 << 20  # 2048 rows of ViT-L features: a KD window touches few chunks
 # provenance keys that must agree for two runs to write into one store
 IDENTITY_KEYS = ("teacher", "weights_sha256", "image_scale", "feature_dim", "feature_dtype",
-                 "stride", "projection", "dataset")
+                 "stride", "projection", "dataset", "reader_options")
 
 
 class CacheError(ValueError):

@@ -25,6 +25,9 @@ from PIL import Image
 
 from . import cache
 from .project import ProjectionConfig, project_view
+from .custom import CustomReader
+from .matterport import MatterportReader
+from .s3dis import S3DISReader
 from .scannet import ScanNetReader
 from .scene import DatasetReader, SceneReadError, View
 from .teacher import Teacher, decode_image, sample_features
@@ -46,6 +49,9 @@ class PrepConfig:
     batch_size: int = 16
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     seed: int = 0
+    reader_options: dict = field(default_factory=dict)
+    """Keyword options of the dataset's reader (e.g. ScanNet's frames_source="sens" or
+    points="pointcept"), JSON-serialisable: they travel to the workers and into the provenance."""
 
 
 @dataclass
@@ -60,15 +66,20 @@ class SceneResult:
     seconds: float = 0.0
 
 
-READERS = {"scannet": ScanNetReader}
+READERS = {"scannet": ScanNetReader, "s3dis": S3DISReader, "matterport": MatterportReader, "custom": CustomReader}
+ALIASES = {"matterport3d": "matterport"}
 
 
-def make_reader(dataset: str, root: Path) -> DatasetReader:
+def make_reader(dataset: str, root: Path, options: dict | None = None) -> DatasetReader:
+    dataset = ALIASES.get(dataset, dataset)
     if dataset not in READERS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
     if not Path(root).is_dir():
         raise FileNotFoundError(f"{root}: no such folder (the {dataset} dataset root, given with --root)")
-    return READERS[dataset](root)
+    try:
+        return READERS[dataset](root, **(options or {}))
+    except TypeError as e:  # an option this reader does not take
+        raise ValueError(f"reader options {sorted(options or {})} do not all apply to {dataset} ({e})") from e
 
 
 @dataclass
@@ -190,7 +201,8 @@ def provenance(config: PrepConfig, *, feature_dim: int, stride: int, weights_sha
         "projection": asdict(config.projection),
         "max_views": config.max_views,
         "seed": config.seed,
-        "dataset": config.dataset,
+        "dataset": ALIASES.get(config.dataset, config.dataset),
+        "reader_options": dict(config.reader_options),
         "class_names": list(class_names),
         "ignore_label": -1,
         "code_version": code_version,

@@ -40,7 +40,7 @@ def _scene_task(scene_id: str, *, config: PrepConfig, weights: Path, device: str
     start = time.perf_counter()
     try:
         teacher = _teacher_on_worker(config.teacher, weights, device, threads)
-        reader = make_reader(config.dataset, config.root)
+        reader = make_reader(config.dataset, config.root, config.reader_options)
         return extract_scene(reader, scene_id, teacher=teacher, config=config, store=store, split=split)
     except Exception as e:  # a batch job records every failure and goes on with the other scenes
         return SceneResult(scene_id, "failed", reason=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - start)
@@ -81,7 +81,7 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
 
     start = time.perf_counter()
     device = device or default_device()
-    reader = make_reader(config.dataset, config.root)
+    reader = make_reader(config.dataset, config.root, config.reader_options)
     if scene_ids is None:
         if split is None:
             raise ValueError("give a split or a list of scenes")

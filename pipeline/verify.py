@@ -101,13 +101,14 @@ def recompare(cache: FeatureCache, scene_id: str, *, root: Path, weights: Path |
     stored = cache.provenance
     config = PrepConfig(dataset=stored["dataset"], root=Path(root), teacher=stored["teacher"], weights=weights,
                         image_scale=stored["image_scale"], max_views=stored.get("max_views"),
-                        projection=ProjectionConfig(**stored["projection"]), seed=stored.get("seed", 0))
+                        projection=ProjectionConfig(**stored["projection"]), seed=stored.get("seed", 0),
+                        reader_options=stored.get("reader_options") or {})
     result = SceneCheck(scene_id)
     weights_path = resolve_weights(config.teacher, weights)
     if file_sha256(weights_path) != stored["weights_sha256"]:
         result.problems.append(f"{weights_path} is not the store's teacher weights (sha256 differs)")
         return result
-    reader = make_reader(config.dataset, config.root)
+    reader = make_reader(config.dataset, config.root, config.reader_options)
     cache_module.open_for_writing(scratch, provenance(
         config, feature_dim=feature_dim_of(config.teacher), stride=TEACHERS[config.teacher].stride,
         weights_sha256=stored["weights_sha256"], code_version=stored.get("code_version", ""),
