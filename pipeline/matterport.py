@@ -55,7 +55,7 @@ import numpy as np
 from PIL import Image
 
 from .manifests import load_classes, manifest_dir
-from .ply import vertex_normals
+from .ply import PlyError, read_elements, vertex_normals
 from .scannet import valid_pose
 from .scene import IGNORE_LABEL, Camera, Scene, SceneReadError, View, ViewSet, check_scene_id
 
@@ -64,52 +64,15 @@ DEPTH_SCALE = 4000.0  # depth units per metre: 0.25 mm
 OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])  # right-multiplied: negates the y and z columns
 REGION_PLY = re.compile(r"(?:^|/)region_segmentations/region(\d+)\.ply$")
 
-_PLY_TYPES = {"char": "i1", "uchar": "u1", "short": "i2", "ushort": "u2", "int": "i4", "uint": "u4",
-              "float": "f4", "double": "f8", "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2",
-              "int32": "i4", "uint32": "u4", "float32": "f4", "float64": "f8"}
-
-
 def read_region_ply(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parse a region PLY -> (vertices (N,) structured, faces (F, 3) int64, category_id (F,) int64).
 
-    The face element carries scalar properties after its vertex list, which the generic reader in
-    ply.py does not handle; the header decides every field's type and order.
+    The face element carries material, segment and category ids after its vertex list.
     """
-    end = data.find(b"end_header")
-    newline = data.find(b"\n", end)
-    if not data.startswith(b"ply") or end < 0 or newline < 0:
-        raise SceneReadError(f"{source}: not a PLY file (no 'ply' magic or no end_header)")
-    fmt, elements = None, []  # [(name, count, [(prop, dtype) | (prop, count_dtype, item_dtype)])]
     try:
-        for line in data[:end].decode("ascii").splitlines()[1:]:
-            words = line.split()
-            if not words or words[0] in ("comment", "obj_info"):
-                continue
-            if words[0] == "format":
-                fmt = words[1]
-            elif words[0] == "element":
-                elements.append((words[1], int(words[2]), []))
-            elif words[0] == "property" and words[1] == "list":
-                elements[-1][2].append((words[4], _PLY_TYPES[words[2]], _PLY_TYPES[words[3]]))
-            elif words[0] == "property":
-                elements[-1][2].append((words[2], _PLY_TYPES[words[1]]))
-    except (UnicodeDecodeError, IndexError, KeyError, ValueError) as e:
-        raise SceneReadError(f"{source}: malformed PLY header ({e!r})") from e
-    if fmt != "binary_little_endian":
-        raise SceneReadError(f"{source}: PLY format {fmt!r}, expected binary_little_endian")
-    offset, arrays = newline + 1, {}
-    for name, count, props in elements:
-        fields = []
-        for prop in props:
-            if len(prop) == 3:  # GAPS writes triangles: a list of exactly three indices
-                fields += [(prop[0] + "_count", "<" + prop[1]), (prop[0], "<" + prop[2], (3,))]
-            else:
-                fields.append((prop[0], "<" + prop[1]))
-        dtype = np.dtype(fields)
-        if offset + dtype.itemsize * count > len(data):
-            raise SceneReadError(f"{source}: truncated PLY ({name} element needs more bytes than the file has)")
-        arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-        offset += dtype.itemsize * count
+        arrays = read_elements(data, source)
+    except PlyError as e:
+        raise SceneReadError(str(e)) from e
     vertices, faces = arrays.get("vertex"), arrays.get("face")
     if vertices is None or faces is None:
         raise SceneReadError(f"{source}: a region PLY needs a vertex and a face element")
@@ -117,8 +80,6 @@ def read_region_ply(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray, n
     missing |= {"vertex_indices", "category_id"} - set(faces.dtype.names)
     if missing:
         raise SceneReadError(f"{source}: PLY lacks the properties {sorted(missing)}")
-    if (faces["vertex_indices_count"] != 3).any():
-        raise SceneReadError(f"{source}: only triangle faces are supported")
     corners = faces["vertex_indices"].astype(np.int64)
     if len(corners) and (corners.min() < 0 or corners.max() >= len(vertices)):
         raise SceneReadError(f"{source}: a face refers to a vertex index outside 0..{len(vertices) - 1}")

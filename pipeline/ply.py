@@ -25,59 +25,87 @@ class PlyError(ValueError):
     pass
 
 
-def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Return (vertices as a structured array, faces (F, 3) int64 or None)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        if f.readline().strip() != b"ply":
-            raise PlyError(f"{path}: not a PLY file")
-        fmt, elements = None, []  # [(name, count, [(prop, dtype) | (prop, count_dtype, item_dtype)])]
-        while True:
-            line = f.readline()
-            if not line:
-                raise PlyError(f"{path}: header has no end_header")
-            words = line.decode("ascii", "replace").split()
+def _parse_header(lines: list[str], source) -> tuple[str | None, list]:
+    """PLY header lines (after the magic, before end_header) -> (format, elements), each element
+    (name, count, [(prop, dtype) | (prop, count_dtype, item_dtype)])."""
+    fmt, elements = None, []
+    try:
+        for line in lines:
+            words = line.split()
             if not words or words[0] in ("comment", "obj_info"):
                 continue
             if words[0] == "format":
                 fmt = words[1]
             elif words[0] == "element":
                 elements.append((words[1], int(words[2]), []))
+            elif words[0] == "property" and words[1] == "list":
+                elements[-1][2].append((words[4], _PLY_TYPES[words[2]], _PLY_TYPES[words[3]]))
             elif words[0] == "property":
-                if words[1] == "list":
-                    elements[-1][2].append((words[4], _PLY_TYPES[words[2]], _PLY_TYPES[words[3]]))
-                else:
-                    elements[-1][2].append((words[2], _PLY_TYPES[words[1]]))
-            elif words[0] == "end_header":
-                break
-        if fmt not in ("ascii", "binary_little_endian"):
-            raise PlyError(f"{path}: unsupported PLY format {fmt!r}")
-        vertices, faces = None, None
-        for name, count, props in elements:
-            if fmt == "ascii":
-                rows = [f.readline().split() for _ in range(count)]
-                if name == "vertex":
-                    dtype = np.dtype([(p[0], p[1]) for p in props])
-                    vertices = np.array([tuple(r[: len(props)]) for r in rows], dtype=dtype)
-                elif name == "face":
-                    faces = np.array([[int(v) for v in r[1:4]] for r in rows], dtype=np.int64)
-                continue
-            if any(len(p) == 3 for p in props):
-                # list properties (faces): ScanNet writes fixed triangles, which read as one block
-                (prop, count_t, item_t), = props
-                block = np.dtype([("n", "<" + count_t), ("v", "<" + item_t, (3,))])
-                data = np.frombuffer(f.read(block.itemsize * count), dtype=block)
-                if len(data) != count or (data["n"] != 3).any():
-                    raise PlyError(f"{path}: only triangle faces are supported")
-                if name == "face":
-                    faces = data["v"].astype(np.int64)
+                elements[-1][2].append((words[2], _PLY_TYPES[words[1]]))
+    except (IndexError, KeyError, ValueError) as e:
+        raise PlyError(f"{source}: malformed PLY header ({e!r})") from e
+    return fmt, elements
+
+
+def _split_header(data: bytes, source) -> tuple[list[str], int]:
+    """-> (header lines between the magic and end_header, offset of the body)."""
+    end = data.find(b"end_header")
+    newline = data.find(b"\n", end)
+    if not data.startswith(b"ply") or end < 0 or newline < 0:
+        raise PlyError(f"{source}: not a PLY file (no 'ply' magic or no end_header)")
+    return data[:end].decode("ascii", "replace").splitlines()[1:], newline + 1
+
+
+def read_elements(data: bytes, source) -> dict[str, np.ndarray]:
+    """Every element of a binary little-endian PLY as a structured array. A list property must
+    hold exactly three items (triangles, as ScanNet and Matterport3D write them): it becomes the
+    fields `<name>_count` and `<name>` (3,); scalar properties after it are kept (Matterport3D's
+    faces carry material, segment and category ids)."""
+    lines, offset = _split_header(data, source)
+    fmt, elements = _parse_header(lines, source)
+    if fmt != "binary_little_endian":
+        raise PlyError(f"{source}: PLY format {fmt!r}, expected binary_little_endian")
+    arrays = {}
+    for name, count, props in elements:
+        fields = []
+        for prop in props:
+            if len(prop) == 3:
+                fields += [(prop[0] + "_count", "<" + prop[1]), (prop[0], "<" + prop[2], (3,))]
             else:
-                dtype = np.dtype([(p[0], "<" + p[1]) for p in props])
-                data = np.frombuffer(f.read(dtype.itemsize * count), dtype=dtype)
-                if len(data) != count:
-                    raise PlyError(f"{path}: truncated {name} element ({len(data)} of {count})")
-                if name == "vertex":
-                    vertices = data
+                fields.append((prop[0], "<" + prop[1]))
+        dtype = np.dtype(fields)
+        if offset + dtype.itemsize * count > len(data):
+            raise PlyError(f"{source}: truncated PLY ({name} element needs more bytes than the file has)")
+        arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+        offset += dtype.itemsize * count
+        for prop in props:
+            if len(prop) == 3 and (arrays[name][prop[0] + "_count"] != 3).any():
+                raise PlyError(f"{source}: only triangle faces are supported")
+    return arrays
+
+
+def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return (vertices as a structured array, faces (F, 3) int64 or None)."""
+    path = Path(path)
+    data = path.read_bytes()
+    lines, offset = _split_header(data, path)
+    fmt, elements = _parse_header(lines, path)
+    if fmt == "binary_little_endian":
+        arrays = read_elements(data, path)
+        vertices, face = arrays.get("vertex"), arrays.get("face")
+        faces = face["vertex_indices"].astype(np.int64) if face is not None and "vertex_indices" in face.dtype.names else None
+    elif fmt == "ascii":
+        vertices, faces = None, None
+        rows = iter(data[offset:].decode("ascii", "replace").splitlines())
+        for name, count, props in elements:
+            block = [next(rows, "").split() for _ in range(count)]
+            if name == "vertex":
+                dtype = np.dtype([(p[0], p[1]) for p in props])
+                vertices = np.array([tuple(r[: len(props)]) for r in block], dtype=dtype)
+            elif name == "face":
+                faces = np.array([[int(v) for v in r[1:4]] for r in block], dtype=np.int64)
+    else:
+        raise PlyError(f"{path}: unsupported PLY format {fmt!r}")
     if vertices is None:
         raise PlyError(f"{path}: no vertex element")
     return vertices, faces
