@@ -9,6 +9,11 @@ Per scene:
   4. accumulate L2-normalised features per point and divide by the number of views that saw it
      (the exact multi-view objective, see cache.py);
   5. write the scene's arrays and mark it complete.
+
+Bad input never stops the job: a view whose pose, intrinsics, image or depth image is unusable is
+skipped and counted by reason in the scene's `views_skipped` (the first message per reason, naming
+the file, in `view_errors`); a scene with no points, labels outside its class list, no usable view,
+no point any view sees, or that runs out of memory comes back failed with one line naming it.
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ from .project import ProjectionConfig, project_view
 from .custom import CustomReader
 from .matterport import MatterportReader
 from .s3dis import S3DISReader
-from .scannet import ScanNetReader
-from .scene import DatasetReader, SceneReadError, View
-from .teacher import Teacher, decode_image, sample_features
+from .scannet import ScanNetReader, valid_pose
+from .scene import IGNORE_LABEL, Camera, DatasetReader, Scene, SceneReadError, View
+from .teacher import ImageReadError, Teacher, decode_image, reading_image, sample_features
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class SceneResult:
     num_seen: int = 0
     num_views: int = 0
     views_skipped: dict = field(default_factory=dict)
+    view_errors: dict = field(default_factory=dict)
+    """The first message (naming the file) of each reason in views_skipped that extraction found."""
     seconds: float = 0.0
 
 
@@ -99,6 +106,7 @@ def survey_scene(reader: DatasetReader, scene_id: str, config: PrepConfig) -> Sc
     """Read one scene's points and views as extraction would; a bad scene comes back with its error."""
     try:
         scene = reader.read_scene(scene_id)
+        check_scene(scene, tuple(reader.class_names))
         view_set = reader.read_views(scene_id)
     except (OSError, SceneReadError, ValueError) as e:
         return SceneSurvey(scene_id, error=str(e))
@@ -117,29 +125,115 @@ def select_views(views: list[View], max_views: int | None, *, seed: int, scene_i
     return [views[i] for i in keep]
 
 
-def _prepare_view(view: View, coord: np.ndarray, teacher: Teacher, config: PrepConfig):
-    """Decode one image at teacher scale and find the points it sees -> (image tensor, projection)."""
-    image = decode_image(view.image_path, scale=config.image_scale)
-    height, width = image.shape[:2]
-    camera = view.camera.resized(width, height).cropped(*teacher.visible_size(width, height))
-    depth = None
-    if view.depth_path is not None:
-        with Image.open(view.depth_path) as depth_image:
+class SkippedView(Exception):
+    """A view extraction cannot use; `reason` is its key in views_skipped, the message names the file."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _camera_problem(camera: Camera) -> str:
+    """What is wrong with a camera's intrinsics ("" if nothing)."""
+    k = np.asarray(camera.intrinsics, dtype=np.float64)
+    if k.shape != (3, 3) or not np.isfinite(k).all():
+        return f"intrinsics of shape {k.shape} or not finite"
+    if not (k[0, 0] > 0 and k[1, 1] > 0) or not np.allclose(k[2], [0, 0, 1]):
+        return f"intrinsics not invertible (fx={k[0, 0]:g}, fy={k[1, 1]:g}, last row {k[2].tolist()})"
+    if camera.width < 1 or camera.height < 1:
+        return f"image size {camera.width}x{camera.height}"
+    return ""
+
+
+def check_view(view: View) -> None:
+    """Raise SkippedView for a pose or intrinsics no reader should have let through."""
+    if not valid_pose(np.asarray(view.cam_to_world, dtype=np.float64)):
+        raise SkippedView("invalid pose", f"{view.image_path}: the pose is not a finite rigid 4x4 transform")
+    for name, camera in (("", view.camera), ("depth ", view.depth_camera)):
+        problem = camera and _camera_problem(camera)
+        if problem:
+            raise SkippedView("invalid intrinsics", f"{view.image_path}: {name}{problem}")
+
+
+def _same_shape(width: int, height: int, camera: Camera) -> bool:
+    """Whether a width x height image is `camera`'s image rescaled (aspect ratio within 1% and a pixel)."""
+    return abs(height - width * camera.height / camera.width) <= 1 + 0.01 * height
+
+
+def _read_depth(view: View) -> tuple[np.ndarray, Camera]:
+    """A view's raw depth image and its camera at the image's own size; SkippedView if unreadable."""
+    try:
+        with reading_image(view.depth_path), Image.open(view.depth_path) as depth_image:
             depth = np.asarray(depth_image)
+    except ImageReadError as e:
+        raise SkippedView("missing depth" if e.missing else "unreadable depth", str(e)) from e
+    if depth.ndim != 2:
+        raise SkippedView("unreadable depth", f"{view.depth_path}: shape {depth.shape}, expected a single-channel depth image")
+    height, width = depth.shape
+    camera = view.depth_camera or view.camera  # no depth camera: registered to the colour image
+    if (width, height) != (camera.width, camera.height):
+        if not _same_shape(width, height, camera):
+            raise SkippedView("depth size mismatch", f"{view.depth_path}: {width}x{height} pixels, but its intrinsics "
+                              f"describe a {camera.width}x{camera.height} image (another aspect ratio)")
+        camera = camera.resized(width, height)
+    return depth, camera
+
+
+def _prepare_view(view: View, coord: np.ndarray, teacher: Teacher, config: PrepConfig):
+    """Decode one image at teacher scale and find the points it sees -> (image tensor, projection).
+    SkippedView if the view's pose, intrinsics, image or depth image is unusable."""
+    check_view(view)
+    try:
+        image = decode_image(view.image_path, scale=config.image_scale)
+    except ImageReadError as e:
+        raise SkippedView("missing image" if e.missing else "unreadable image", str(e)) from e
+    height, width = image.shape[:2]
+    if not _same_shape(width, height, view.camera):
+        raise SkippedView("image size mismatch", f"{view.image_path}: decoded at {width}x{height} (scale "
+                          f"{config.image_scale}), but its intrinsics describe a {view.camera.width}x"
+                          f"{view.camera.height} image (another aspect ratio)")
+    camera = view.camera.resized(width, height).cropped(*teacher.visible_size(width, height))
+    depth, depth_camera = _read_depth(view) if view.depth_path is not None else (None, None)
     projection = project_view(
         coord, view.cam_to_world, camera, config=config.projection, image_scale=width / view.camera.width,
-        depth=depth, depth_camera=view.depth_camera, depth_scale=view.depth_scale,
+        depth=depth, depth_camera=depth_camera, depth_scale=view.depth_scale,
     )
     return teacher.prepare(image), projection
 
 
+def check_scene(scene: Scene, class_names: tuple[str, ...]) -> None:
+    """Raise SceneReadError for points or labels no reader should have let through."""
+    if scene.num_points == 0:
+        raise SceneReadError(f"scene {scene.scene_id}: no points (an empty point cloud)")
+    if not np.isfinite(scene.coord).all():
+        raise SceneReadError(f"scene {scene.scene_id}: points with non-finite coordinates")
+    outside = (scene.label < IGNORE_LABEL) | (scene.label >= len(class_names))
+    if outside.any():
+        raise SceneReadError(f"scene {scene.scene_id}: label {scene.label[outside][0]} ({int(outside.sum())} points) "
+                             f"is not a class index 0..{len(class_names) - 1} of the reader's {len(class_names)} "
+                             f"classes or {IGNORE_LABEL} (ignore)")
+
+
+OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
+
+
 def extract_scene(reader: DatasetReader, scene_id: str, *, teacher: Teacher, config: PrepConfig,
                   store: Path, split: str | None) -> SceneResult:
-    """Extract one scene into the store. User-caused problems come back as a failed result."""
+    """Extract one scene into the store. User-caused problems come back as a failed result whose
+    reason is one line naming the scene or file: a bad scene (no points, labels outside the class
+    list, no usable view, no point seen, out of memory) fails; a bad view (pose, intrinsics, missing
+    or undecodable image or depth, image of another shape) is skipped and counted in views_skipped,
+    with the first message per reason in view_errors."""
     start = time.perf_counter()
+    skipped: dict[str, int] = {}
+    view_errors: dict[str, str] = {}
+    scene = views = None
+    feature_sum = view_count = None
     try:
         scene = reader.read_scene(scene_id)
+        check_scene(scene, tuple(reader.class_names))
         view_set = reader.read_views(scene_id)
+        skipped.update(view_set.skipped)
         views = select_views(view_set.views, config.max_views, seed=config.seed, scene_id=scene_id)
         if not views:
             raise SceneReadError(f"scene {scene_id}: no usable views ({view_set.skipped or 'none found'})")
@@ -147,14 +241,21 @@ def extract_scene(reader: DatasetReader, scene_id: str, *, teacher: Teacher, con
         coord = scene.coord
         # (N, D) float32 on the teacher's device, allocated on the first batch: 0.6 GB for a
         # 150k-point ScanNet scene with ViT-L; index_add_ keeps the accumulation on the GPU
-        feature_sum = None
         view_count = torch.zeros(scene.num_points, dtype=torch.int32, device=device)
+        used = 0
         with ThreadPoolExecutor(max_workers=2) as pool:
             pending = [pool.submit(_prepare_view, v, coord, teacher, config) for v in views[: config.batch_size]]
             for first in range(0, len(views), config.batch_size):
-                prepared = [p.result() for p in pending]
+                prepared = []
+                for future in pending:
+                    try:
+                        prepared.append(future.result())
+                    except SkippedView as e:  # counted by reason; the scene goes on with its other views
+                        skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                        view_errors.setdefault(e.reason, str(e))
                 upcoming = views[first + config.batch_size: first + 2 * config.batch_size]
                 pending = [pool.submit(_prepare_view, v, coord, teacher, config) for v in upcoming]
+                used += len(prepared)
                 for size in {tuple(t.shape) for t, _ in prepared}:  # images of one scene share a size
                     group = [(t, p) for t, p in prepared if tuple(t.shape) == size]
                     grids = teacher.features(torch.stack([t for t, _ in group]))
@@ -167,9 +268,15 @@ def extract_scene(reader: DatasetReader, scene_id: str, *, teacher: Teacher, con
                         uv = torch.from_numpy(projection.uv).to(device)
                         feature_sum.index_add_(0, index, sample_features(grid, uv, stride=teacher.stride))
                         view_count[index] += 1
+        if used == 0:
+            raise SceneReadError(f"scene {scene_id}: no usable views ({skipped}; first: "
+                                 f"{next(iter(view_errors.values()))})")
         # seen points in a random (seeded) order: any contiguous block of rows is then a uniform
         # sample of the scene, so a trainer sampling KD targets reads a few chunks, not all of them
         seen = torch.nonzero(view_count).squeeze(1).cpu()
+        if len(seen) == 0:
+            raise SceneReadError(f"scene {scene_id}: none of its {used} views sees any of its {scene.num_points} "
+                                 "points; check the poses and intrinsics, and that points and poses share a frame")
         order = np.random.default_rng([config.seed, zlib.crc32(scene_id.encode())]).permutation(len(seen))
         seen = seen[torch.from_numpy(order)].to(device)
         counts = view_count[seen]
@@ -177,14 +284,24 @@ def extract_scene(reader: DatasetReader, scene_id: str, *, teacher: Teacher, con
         cache.write_scene(
             store, scene, seen_index=seen.cpu().numpy(), feature=mean.cpu().numpy(),
             view_count=counts.cpu().numpy(),
-            attrs={"split": split, "num_views": len(views), "views_skipped": view_set.skipped},
+            attrs={"split": split, "num_views": used, "views_skipped": skipped, "view_errors": view_errors},
         )
         return SceneResult(scene_id, "done", num_points=scene.num_points, num_seen=int(len(seen)),
-                           num_views=len(views), views_skipped=dict(view_set.skipped),
+                           num_views=used, views_skipped=skipped, view_errors=view_errors,
                            seconds=time.perf_counter() - start)
-    except (OSError, ValueError) as e:  # SceneReadError, PlyError, CacheError, bad images...
-        return SceneResult(scene_id, "failed", reason=f"{type(e).__name__}: {e}",
+    except OUT_OF_MEMORY as e:
+        feature_sum = view_count = None  # free what this scene holds before the next one
+        if teacher.device.type == "cuda":
+            torch.cuda.empty_cache()
+        size = "while reading it" if scene is None else f"{scene.num_points} points, {len(views or [])} views"
+        where = "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "host"
+        return SceneResult(scene_id, "failed", views_skipped=skipped, view_errors=view_errors,
+                           reason=f"{type(e).__name__}: scene {scene_id}: out of {where} memory ({size}, batch size "
+                                  f"{config.batch_size}); lower --batch-size, or split the scene into parts",
                            seconds=time.perf_counter() - start)
+    except (OSError, ValueError) as e:  # SceneReadError, PlyError, CacheError, ...
+        return SceneResult(scene_id, "failed", reason=f"{type(e).__name__}: {e}", views_skipped=skipped,
+                           view_errors=view_errors, seconds=time.perf_counter() - start)
 
 
 def provenance(config: PrepConfig, *, feature_dim: int, stride: int, weights_sha256: str, code_version: str,

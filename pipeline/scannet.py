@@ -9,7 +9,11 @@ Layout read:
     <root>/scannet_frames_25k/<scene>/intrinsics_color.txt, intrinsics_depth.txt   4x4
 
 nyu40 ids map to the 20 benchmark classes of `data_manifests/scannet/classes.json`; other ids
-become IGNORE_LABEL. Frames with a non-finite or non-rigid pose are skipped and counted.
+become IGNORE_LABEL, and a value outside 0..40 (another class map's labels) is an error. An empty
+mesh, non-finite vertices and an intrinsics file that is no camera matrix (not 3x3 or 4x4,
+non-finite, fx or fy <= 0, last row not 0 0 1) are errors naming the file. Frames with a
+non-finite or non-rigid pose are skipped and counted; so is a frame whose colour or depth image
+cannot be decoded, later, by extraction.
 
 Two options replace one side of that layout (keyword arguments of `ScanNetReader`):
 
@@ -38,6 +42,7 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +56,7 @@ from .sens import EXPORT_MARKER, export_frames
 # Sizes ScanNet's cameras were calibrated at; intrinsics files do not say which one applies.
 COLOR_CALIBRATION_SIZES = ((1296, 968), (640, 480))
 DEPTH_CALIBRATION_SIZES = ((640, 480),)
+NYU40_MAX = 40  # labels PLYs hold nyu40 ids 1..40, 0 = unannotated
 
 
 def camera_for_image(intrinsics: np.ndarray, width: int, height: int, calibration_sizes) -> Camera:
@@ -73,6 +79,32 @@ def valid_pose(pose: np.ndarray) -> bool:
         return False
     rotation = pose[:3, :3]
     return bool(np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-3) and np.allclose(pose[3], [0, 0, 0, 1]))
+
+
+def read_intrinsics(path: Path) -> np.ndarray:
+    """The 3x3 K of a ScanNet intrinsics file (4x4, or 3x3); SceneReadError if it is no camera matrix."""
+    try:
+        matrix = np.loadtxt(path, ndmin=2)
+    except (OSError, ValueError) as e:
+        raise SceneReadError(f"{path}: {e}") from e
+    if matrix.shape not in ((3, 3), (4, 4)):
+        raise SceneReadError(f"{path}: a {matrix.shape[0]}x{matrix.shape[1]} matrix, expected 4x4 (or 3x3) intrinsics")
+    k = matrix[:3, :3]
+    if not np.isfinite(k).all() or not (k[0, 0] > 0 and k[1, 1] > 0) or not np.allclose(k[2], [0, 0, 1]):
+        raise SceneReadError(f"{path}: not a camera matrix (fx={k[0, 0]:g}, fy={k[1, 1]:g}, last row "
+                             f"{' '.join(f'{v:g}' for v in k[2])}); expected fx, fy > 0 and last row 0 0 1")
+    return k
+
+
+def _first_image_size(paths: list[Path]) -> tuple[int, int] | None:
+    """(width, height) from the header of the first of `paths` that opens, or None."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue
+    return None
 
 
 class ScanNetReader:
@@ -109,7 +141,7 @@ class ScanNetReader:
         self.points_root = Path(points_root) if points_root is not None else self.root
         classes = load_classes("scannet")
         self._class_names = tuple(classes["names"])
-        self._nyu40_to_class = np.full(256, IGNORE_LABEL, dtype=np.int16)
+        self._nyu40_to_class = np.full(NYU40_MAX + 1, IGNORE_LABEL, dtype=np.int16)
         for index, nyu40 in enumerate(classes["nyu40_ids"]):
             self._nyu40_to_class[nyu40] = index
 
@@ -135,6 +167,11 @@ class ScanNetReader:
             color = np.stack([vertices[c] for c in ("red", "green", "blue")], axis=1).astype(np.uint8)
         except (OSError, PlyError, ValueError) as e:
             raise SceneReadError(f"{mesh_path}: {e}") from e
+        if len(coord) == 0:
+            raise SceneReadError(f"{mesh_path}: no vertices (an empty scan)")
+        if not np.isfinite(coord).all():
+            bad = int((~np.isfinite(coord).all(axis=1)).sum())
+            raise SceneReadError(f"{mesh_path}: {bad} of {len(coord)} vertices have a non-finite coordinate")
         if {"nx", "ny", "nz"} <= set(vertices.dtype.names):
             normal = np.stack([vertices[a] for a in ("nx", "ny", "nz")], axis=1).astype(np.float32)
         elif faces is not None:
@@ -148,7 +185,11 @@ class ScanNetReader:
                 raise SceneReadError(f"{labels_path}: {e}") from e
             if len(label_vertices) != len(coord):
                 raise SceneReadError(f"{labels_path}: {len(label_vertices)} labels for {len(coord)} vertices")
-            nyu40 = np.clip(label_vertices["label"].astype(np.int64), 0, 255)
+            nyu40 = label_vertices["label"].astype(np.int64)
+            outside = (nyu40 < 0) | (nyu40 > NYU40_MAX)
+            if outside.any():
+                raise SceneReadError(f"{labels_path}: label {nyu40[outside][0]} ({int(outside.sum())} vertices) is not "
+                                     f"a nyu40 id 0..{NYU40_MAX}; is this a labels file of another class map?")
             label = self._nyu40_to_class[nyu40]
         else:  # test scans come without labels
             label = np.full(len(coord), IGNORE_LABEL, dtype=np.int16)
@@ -248,13 +289,13 @@ class ScanNetReader:
         image_paths = sorted(color_dir.glob("*.jpg"))
         if not image_paths:
             return ViewSet([], {})
-        try:
-            color_k = np.loadtxt(frames / "intrinsics_color.txt")
-            depth_k = np.loadtxt(frames / "intrinsics_depth.txt")
-        except OSError as e:
-            raise SceneReadError(f"{frames}: {e}") from e
-        with Image.open(image_paths[0]) as image:  # reads the header only
-            camera = camera_for_image(color_k, *image.size, COLOR_CALIBRATION_SIZES)
+        color_k = read_intrinsics(frames / "intrinsics_color.txt")
+        depth_k = read_intrinsics(frames / "intrinsics_depth.txt")
+        # the camera of the first image whose header reads (extraction skips and counts the others)
+        size = _first_image_size(image_paths)
+        if size is None:
+            return ViewSet([], {"unreadable image": len(image_paths)})
+        camera = camera_for_image(color_k, *size, COLOR_CALIBRATION_SIZES)
         views, skipped = [], {}
         depth_camera = None
         for image_path in image_paths:
@@ -272,10 +313,16 @@ class ScanNetReader:
             if not depth_path.exists():
                 depth_path = None
             elif depth_camera is None:
-                with Image.open(depth_path) as depth:
-                    depth_camera = camera_for_image(depth_k, *depth.size, DEPTH_CALIBRATION_SIZES)
+                # an unreadable header: extraction skips this view; later depth images may set the camera
+                depth_size = _first_image_size([depth_path])
+                if depth_size is not None:
+                    depth_camera = camera_for_image(depth_k, *depth_size, DEPTH_CALIBRATION_SIZES)
             views.append(View(
                 view_id=frame, image_path=image_path, camera=camera, cam_to_world=pose,
-                depth_path=depth_path, depth_camera=depth_camera if depth_path else None, depth_scale=depth_scale,
+                depth_path=depth_path, depth_scale=depth_scale,
             ))
+        # every depth image gets the camera of the first readable one; extraction rescales it to each
+        # depth image's own size, or skips and counts the view if that is unreadable or of another shape
+        depth_camera = depth_camera or camera_for_image(depth_k, *DEPTH_CALIBRATION_SIZES[0], DEPTH_CALIBRATION_SIZES)
+        views = [replace(v, depth_camera=depth_camera) if v.depth_path is not None else v for v in views]
         return ViewSet(views, skipped)

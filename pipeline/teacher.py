@@ -13,6 +13,9 @@ official checkpoints, from `--weights` or the torch.hub checkpoint cache), and
 from __future__ import annotations
 
 import hashlib
+import struct
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,13 +198,39 @@ def load_teacher(name: str, *, weights: Path | None = None, device: str = "cpu")
     return Teacher(name, network, device=device)
 
 
+class ImageReadError(OSError):
+    """An image file that is missing or cannot be decoded; the message names the file and the problem."""
+
+    def __init__(self, path: Path, problem: str, *, missing: bool = False):
+        super().__init__(f"{path}: {problem}")
+        self.missing = missing
+
+
+# what Pillow raises on a malformed file: a truncated stream (OSError), no known format
+# (UnidentifiedImageError), a broken PNG chunk (SyntaxError), bad zlib data, an absurd header size
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
+
+
+@contextmanager
+def reading_image(path: Path):
+    """Turn whatever Pillow raises while opening or decoding `path` into an ImageReadError."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise ImageReadError(path, "no such file", missing=True) from e
+    except _DECODE_ERRORS as e:
+        raise ImageReadError(path, f"not a readable image ({e})") from e
+
+
 def decode_image(path: Path, *, scale: float) -> np.ndarray:
-    """Read an image at `scale` of its size as (H, W, 3) uint8.
+    """Read an image at `scale` of its size as (H, W, 3) uint8; ImageReadError if it is missing,
+    truncated or not an image.
 
     JPEG draft mode lets libjpeg decode straight at 1/2, 1/4 or 1/8 size (the DCT does the
     downscale), several times faster than decoding at full size and resizing.
     """
-    with Image.open(path) as image:
+    with reading_image(path), Image.open(path) as image:
         width, height = image.size
         target = (max(1, round(width * scale)), max(1, round(height * scale)))
         image.draft("RGB", target)

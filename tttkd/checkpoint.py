@@ -37,6 +37,27 @@ def check_teacher(checkpoint_teacher: dict, cache_provenance: dict, *, cache_pat
             )
 
 
+class ClassMismatchError(ValueError):
+    """A cache's class list differs from the one a checkpoint was trained on."""
+
+
+def check_classes(checkpoint_classes: list[str], cache_provenance: dict, *, cache_path: Path) -> None:
+    """Refuse to go on training on a cache whose class list (names and order: label i is class i)
+    differs from the checkpoint's: its segmentation head would be of another size, or silently
+    learn other meanings for the same outputs."""
+    checkpoint_classes = list(checkpoint_classes)
+    cache_classes = list(cache_provenance.get("class_names") or [])
+    if cache_classes == checkpoint_classes:
+        return
+    if len(cache_classes) != len(checkpoint_classes):
+        difference = f"{len(cache_classes)} classes, the checkpoint {len(checkpoint_classes)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(cache_classes, checkpoint_classes)) if a != b)
+        difference = f"class {i} {cache_classes[i]!r}, the checkpoint {checkpoint_classes[i]!r}"
+    raise ClassMismatchError(f"{cache_path}: cache of {cache_provenance.get('dataset')!r} has {difference}; train on a "
+                             "cache with the checkpoint's class list, or start a new run in another --out")
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -78,16 +78,25 @@ def target_scene_ids(cache_path: Path, *, split: str) -> list[str]:
     return scene_ids
 
 
-def shared_labels(checkpoint: dict, provenance: dict, classes: list[str]) -> SharedLabels:
+def shared_labels(checkpoint: dict, provenance: dict, classes: list[str], *, cache_path: Path | str = "cache") -> SharedLabels:
     """Map a checkpoint's predictions and the target's labels onto `classes` (target names). A model
     trained on the target dataset (the Oracle) maps by identity, a source model through the shared
-    pairs of its dataset and the target's."""
+    pairs of its dataset and the target's. A cache or checkpoint whose class list lacks a name its
+    dataset should have (made with another class map) is refused, naming the classes."""
     model_dataset = checkpoint.get("dataset") or "scannet"
     source_name = {target: source for source, target in shared_classes(model_dataset, provenance["dataset"])}
     missing = [name for name in classes if name not in source_name]
     if missing:
         raise ValueError(f"a model trained on {model_dataset} has no class for target class(es) {', '.join(missing)} "
                          f"of {provenance['dataset']}; score on the classes it shares with the target")
+    absent = [name for name in classes if name not in provenance["class_names"]]
+    if absent:
+        raise ValueError(f"{cache_path}: its {len(provenance['class_names'])} classes lack {', '.join(absent)} of "
+                         f"{provenance['dataset']}: the cache was extracted with another class list; re-extract it")
+    absent = [source_name[name] for name in classes if source_name[name] not in checkpoint["class_names"]]
+    if absent:
+        raise ValueError(f"the checkpoint's {len(checkpoint['class_names'])} classes lack {', '.join(absent)} of "
+                         f"{model_dataset}: it was trained on a cache of another class list")
     return SharedLabels(checkpoint["class_names"], provenance["class_names"],
                         [(source_name[name], name) for name in classes])
 
@@ -113,7 +122,7 @@ def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, s
     source_names = checkpoint["class_names"]
     if classes is None:
         classes = scored_classes(checkpoint.get("dataset") or "scannet", provenance["dataset"])
-    labels = shared_labels(checkpoint, provenance, classes)
+    labels = shared_labels(checkpoint, provenance, classes, cache_path=cache_path)
     steps = record_steps_for(config.steps) if method == "ttt-kd" else [0]
     confusion = {s: 0 for s in steps}
     per_scene, kd_losses = {}, []

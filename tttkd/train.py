@@ -19,7 +19,7 @@ import torch
 
 from tttkd.pipeline.cache import FeatureCache
 
-from .checkpoint import check_teacher, load_checkpoint, teacher_of
+from .checkpoint import check_classes, check_teacher, load_checkpoint, teacher_of
 from .data import CacheDataset, DataConfig, in_channels, make_loader
 from .evaluate import evaluate
 from .loss import kd_loss, segmentation_loss
@@ -142,6 +142,7 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
     if resume and (out / "last.pt").exists():
         checkpoint = load_checkpoint(out / "last.pt")
         check_teacher(checkpoint["teacher"], provenance, cache_path=cache_path)
+        check_classes(checkpoint["class_names"], provenance, cache_path=cache_path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
