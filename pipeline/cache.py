@@ -27,13 +27,25 @@ Integrity: every chunk carries a crc32c checksum (zarr's `crc32c` codec after zs
 bit or a truncated chunk fails on read with an error naming the scene and the array;
 `tttkd-prep verify` checks a whole store.
 
-Concurrency: each scene group is written by exactly one worker, which sets `complete` last; only
-the job's client writes the root attributes. A scene without `complete: true` is never read.
+Faults and concurrency (several workers, several `extract` runs into one store, kills at any moment):
+  - zarr's LocalStore writes every file, `zarr.json` included, to a temporary name and renames it
+    (zarr-python PR #3412, Aug 2025; 3.1.6 here), so a killed process leaves the old or the new
+    file, never a torn one (at worst a stray *.partial);
+  - a scene's arrays are written first and `complete: true` last, in one metadata write: a scene
+    without it is never read, and the next run redoes it from scratch;
+  - `<store>/.scene-locks/<scene_id>`: an OS lock (fcntl.flock) held for the whole write of that
+    scene. Under it the writer looks again: a scene another run completed meanwhile is kept, never
+    overwritten, so two runs on one scene end with the first one's whole scene;
+  - `<store>/.lock`: an OS lock held around every read-modify-write of the root attributes
+    (creating the store, the provenance's `splits`, `last_run`), so concurrent runs lose none.
+  The kernel drops a killed process's locks. The lock files stay (empty); the locks need a file
+  system with working flock (local disks; NFS v4).
 Metadata is not consolidated: consolidated metadata would hide scenes added by a later run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,32 +87,62 @@ def open_for_writing(path: Path, provenance: dict, *, split: str | None = None, 
     """Create the store, or reopen one whose provenance matches; return the ids of complete scenes.
 
     `split` (None: no split) is recorded for this run's `scene_ids`: complete ones, which the run
-    skips, get it here (see `assign_split`). Called once, by the job's client, before any worker writes.
+    skips, get it here (see `assign_split`). Called once per run, by the job's client, before its
+    workers write; runs started at the same time are serialised by the store's root lock.
     """
     path = Path(path)
-    if (path / "zarr.json").exists():
-        root = zarr.open_group(path, mode="r+", zarr_format=3)
-        stored = root.attrs.get("provenance")
-        if root.attrs.get("tttkd_cache") != FORMAT_VERSION or stored is None:
-            raise CacheError(f"{path}: exists but is not a tttkd feature cache (format {FORMAT_VERSION})")
-        for key in IDENTITY_KEYS:
-            if stored.get(key) != provenance.get(key):
-                raise CacheError(
-                    f"{path}: was written with {key}={stored.get(key)!r}, this run has {provenance.get(key)!r}; "
-                    "write to another --out"
-                )
-        if split is not None and "scenes" in root:
-            complete = complete_scene_ids(path)
-            assign_split(path, [s for s in scene_ids if s in complete], split)
-        splits = sorted(set(stored.get("splits", [])) | ({split} if split else set()))
-        root.attrs["provenance"] = {**stored, "splits": splits}
-    else:
-        root = zarr.open_group(path, mode="w", zarr_format=3)
-        root.attrs["tttkd_cache"] = FORMAT_VERSION
-        root.attrs["provenance"] = {**provenance, "splits": [split] if split else []}
-    if "scenes" not in root:
-        root.create_group("scenes")
-    return complete_scene_ids(path)
+    with root_lock(path):
+        if (path / "zarr.json").exists():
+            root = zarr.open_group(path, mode="r+", zarr_format=3)
+            stored = root.attrs.get("provenance")
+            if root.attrs.get("tttkd_cache") != FORMAT_VERSION or stored is None:
+                raise CacheError(f"{path}: exists but is not a tttkd feature cache (format {FORMAT_VERSION})")
+            for key in IDENTITY_KEYS:
+                if stored.get(key) != provenance.get(key):
+                    raise CacheError(
+                        f"{path}: was written with {key}={stored.get(key)!r}, this run has {provenance.get(key)!r}; "
+                        "write to another --out"
+                    )
+            if split is not None and "scenes" in root:
+                complete = complete_scene_ids(path)
+                assign_split(path, [s for s in scene_ids if s in complete], split)
+            splits = sorted(set(stored.get("splits", [])) | ({split} if split else set()))
+            root.attrs["provenance"] = {**stored, "splits": splits}
+        else:  # one metadata write: a kill leaves no store, or a whole root
+            root = zarr.create_group(path, zarr_format=3, attributes={
+                "tttkd_cache": FORMAT_VERSION, "provenance": {**provenance, "splits": [split] if split else []}})
+        if "scenes" not in root:
+            root.create_group("scenes")
+        return complete_scene_ids(path)
+
+
+def set_root_attribute(path: Path, key: str, value) -> None:
+    """Set one root attribute (e.g. `last_run`) under the store's root lock."""
+    with root_lock(path):
+        zarr.open_group(path, mode="r+", zarr_format=3).attrs[key] = value
+
+
+@contextmanager
+def _flock(lock_file: Path):
+    """Hold an exclusive fcntl.flock on `lock_file` (created if absent); closing the file, or the
+    death of the process, releases it."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def root_lock(path: Path):
+    """The lock around every read-modify-write of the store's root attributes: `<store>/.lock`."""
+    return _flock(Path(path) / ".lock")
+
+
+def scene_lock(path: Path, scene_id: str):
+    """The lock held while one scene is written: `<store>/.scene-locks/<scene_id>`."""
+    return _flock(Path(path) / ".scene-locks" / check_scene_id(scene_id))
 
 
 def complete_scene_ids(path: Path) -> set[str]:
@@ -112,7 +154,7 @@ def assign_split(path: Path, scene_ids: list[str], split: str) -> None:
     """Record `split` on complete scenes that a rerun skips: a scene extracted without a split (with
     --scenes) joins `split`; a scene already in another split is refused, never moved silently.
 
-    Called by the job's client before any worker starts; workers never write skipped scenes."""
+    Called by the job's client before its workers start; workers never write skipped scenes."""
     scenes = zarr.open_group(Path(path) / "scenes", mode="r+", zarr_format=3)
     groups = [scenes[check_scene_id(s)] for s in scene_ids]
     conflicts = sorted(f"{g.basename} ({g.attrs['split']})" for g in groups if g.attrs.get("split") not in (None, split))
@@ -121,36 +163,59 @@ def assign_split(path: Path, scene_ids: list[str], split: str) -> None:
                          "a scene belongs to one split: extract it into another --out")
     for group in groups:
         if group.attrs.get("split") is None:
-            group.attrs["split"] = split
+            with scene_lock(path, group.basename):  # a losing writer of this scene may set it too
+                _join_split(path, scenes[group.basename], split)
+
+
+def _join_split(path: Path, group, split: str | None) -> None:
+    """A complete scene found again by a run of `split`: a scene of no split joins it; a scene of
+    another split is refused. Call under the scene's lock."""
+    stored = group.attrs.get("split")
+    if split is None or stored == split:
+        return
+    if stored is not None:
+        raise CacheError(f"{path}: {group.basename} ({stored}) already complete in another split than {split!r}; "
+                         "a scene belongs to one split: extract it into another --out")
+    group.attrs["split"] = split
 
 
 def write_scene(path: Path, scene: Scene, *, seen_index: np.ndarray, feature: np.ndarray,
-                view_count: np.ndarray, attrs: dict) -> None:
-    """Write one scene's arrays, then mark it complete. Overwrites an incomplete earlier attempt."""
+                view_count: np.ndarray, attrs: dict) -> bool:
+    """Write one scene's arrays, then mark it complete, under the scene's lock.
+
+    Overwrites an incomplete earlier attempt; a scene that another run completed meanwhile is kept
+    (it joins `attrs["split"]` if it had none) and False is returned."""
     assert feature.shape[0] == seen_index.shape[0] == view_count.shape[0]
     scene_id = check_scene_id(scene.scene_id)
-    group = zarr.open_group(Path(path) / "scenes", mode="r+", zarr_format=3).create_group(
-        scene_id, overwrite=True, attributes={"complete": False}
-    )
-    feature_rows = max(1, FEATURE_CHUNK_BYTES // max(1, feature.shape[1] * 2))
-    arrays = {
-        "coord": (scene.coord.astype(np.float32), (POINT_CHUNK, 3)),
-        "color": (scene.color.astype(np.uint8), (POINT_CHUNK, 3)),
-        "normal": (scene.normal.astype(np.float16), (POINT_CHUNK, 3)),
-        "label": (scene.label.astype(np.int16), (POINT_CHUNK,)),
-        "seen_index": (seen_index.astype(np.int32), (POINT_CHUNK,)),
-        "feature": (feature.astype(np.float16), (feature_rows, feature.shape[1])),
-        "view_count": (view_count.astype(np.uint16), (POINT_CHUNK,)),
-    }
-    for name, (data, chunks) in arrays.items():
-        chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape))
-        array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                   compressors=(zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec()))
-        if data.size:
-            array[...] = data
-    # the flag goes last: a scene interrupted before this line reads as incomplete and is redone
-    group.attrs.update({**attrs, "num_points": scene.num_points, "num_seen": int(len(seen_index)),
-                        "complete": True})
+    with scene_lock(path, scene_id):
+        scenes = zarr.open_group(Path(path) / "scenes", mode="r+", zarr_format=3)
+        existing = scenes.get(scene_id)
+        if existing is not None and existing.attrs.get("complete") is True:
+            _join_split(path, existing, attrs.get("split"))
+            return False
+        group = scenes.create_group(scene_id, overwrite=True, attributes={"complete": False})
+        feature_rows = max(1, FEATURE_CHUNK_BYTES // max(1, feature.shape[1] * 2))
+        arrays = {
+            "coord": (scene.coord.astype(np.float32), (POINT_CHUNK, 3)),
+            "color": (scene.color.astype(np.uint8), (POINT_CHUNK, 3)),
+            "normal": (scene.normal.astype(np.float16), (POINT_CHUNK, 3)),
+            "label": (scene.label.astype(np.int16), (POINT_CHUNK,)),
+            "seen_index": (seen_index.astype(np.int32), (POINT_CHUNK,)),
+            "feature": (feature.astype(np.float16), (feature_rows, feature.shape[1])),
+            "view_count": (view_count.astype(np.uint16), (POINT_CHUNK,)),
+        }
+        for name, (data, chunks) in arrays.items():
+            chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape))
+            # every chunk is written, zeros too: a missing chunk file then always means damage
+            array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                       compressors=(zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec()),
+                                       config={"write_empty_chunks": True})
+            if data.size:
+                array[...] = data
+        # the flag goes last: a scene interrupted before this line reads as incomplete and is redone
+        group.attrs.update({**attrs, "num_points": scene.num_points, "num_seen": int(len(seen_index)),
+                            "complete": True})
+        return True
 
 
 class FeatureCache:

@@ -1,8 +1,11 @@
 """The Dask job of `tttkd-prep extract`: one task per scene, on a local cluster or an existing one.
 
-The client (this process) alone writes the store's root attributes (provenance, run report);
-each task writes only its own scene group. A worker loads the teacher once and keeps it for all
-its tasks. Scenes already complete in the store are skipped, so an interrupted run resumes.
+The client (this process) alone writes the store's root attributes (provenance, run report),
+under the store's root lock (see cache.py); each task writes only its own scene group. A worker
+loads the teacher once and keeps it for all its tasks. Scenes already complete in the store are
+skipped, so an interrupted run resumes. A scene whose worker dies (killed, out of memory) is run
+once more (the local cluster's allowed-failures is 1); if that worker dies too, the scene is
+reported failed (dask's KilledWorker), left incomplete in the store, and the other scenes go on.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import dask
 import torch
-import zarr
 
 import tttkd
 
@@ -98,15 +101,19 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
         if scheduler:
             client, cluster = Client(scheduler), None
         else:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=40)
+            # one retry per scene; one task per worker at a time, so a worker's death counts only
+            # against the scene it was running, not against scenes queued behind it
+            with dask.config.set({"distributed.scheduler.allowed-failures": 1,
+                                  "distributed.scheduler.worker-saturation": 1.0}):
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=40)
             client = Client(cluster)
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
         try:
             futures = client.map(_scene_task, todo, key=[f"extract-{s}" for s in todo], config=config,
                                  weights=weights, device=device, threads=threads, store=Path(out).resolve(),
                                  split=split, pure=False)
-            _collect(as_completed(futures), report, total=len(todo), progress=progress)
+            _collect(as_completed(futures), dict(zip(futures, todo)), report, total=len(todo), progress=progress)
         finally:
             client.close()
             if cluster is not None:
@@ -116,7 +123,7 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
     return report
 
 
-def _collect(results, report: ExtractReport, *, total: int, progress: bool) -> None:
+def _collect(results, scene_of: dict, report: ExtractReport, *, total: int, progress: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -124,7 +131,10 @@ def _collect(results, report: ExtractReport, *, total: int, progress: bool) -> N
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("scenes", total=total, images=0, failed=0)
         for future in results:
-            result: SceneResult = future.result()
+            try:
+                result: SceneResult = future.result()
+            except Exception as e:  # the task's workers died (distributed.KilledWorker), or it was lost
+                result = SceneResult(scene_of[future], "failed", reason=f"{type(e).__name__}: {e}")
             if result.status == "done":
                 report.done.append(result.scene_id)
                 report.images += result.num_views
@@ -137,6 +147,5 @@ def _collect(results, report: ExtractReport, *, total: int, progress: bool) -> N
 
 
 def _record_run(out: Path, report: ExtractReport) -> None:
-    """Keep the last run's outcome in the root attributes (only the client writes them)."""
-    root = zarr.open_group(out, mode="r+", zarr_format=3)
-    root.attrs["last_run"] = {**asdict(report), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    """Keep the last run's outcome in the root attributes (only clients write them, under the root lock)."""
+    cache.set_root_attribute(out, "last_run", {**asdict(report), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -69,3 +69,17 @@ def test_values_no_extraction_could_write_are_caught(store):
     assert "norm" in problems["scene0000_00"]
     assert "seen_index outside" in problems["scene0001_00"]
     assert "coord has non-finite values" in problems["scene0002_00"]
+
+
+def test_an_all_zero_array_is_written_and_verifies(tmp_path):
+    from tttkd.pipeline.cache import open_for_writing, write_scene
+    from tttkd.pipeline.scene import Scene
+
+    store = tmp_path / "zeros.zarr"
+    open_for_writing(store, {"teacher": "t", "feature_dim": 4, "class_names": ["a"], "dataset": "scannet"})
+    n = 10
+    scene = Scene("s0", np.ones((n, 3), np.float32), np.zeros((n, 3), np.uint8), np.zeros((n, 3), np.float32),
+                  np.zeros(n, np.int16))  # no normals: all zero
+    feature = np.full((n, 4), 0.5, np.float16)
+    write_scene(store, scene, seen_index=np.arange(n), feature=feature, view_count=np.ones(n, np.uint16), attrs={})
+    assert [c.problems for c in verify_store(store)] == [[]]
