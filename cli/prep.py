@@ -62,6 +62,7 @@ def extract(
     points: Annotated[Optional[str], typer.Option(help="scannet: mesh (scans/*_vh_clean_2.ply) or pointcept (preprocessed .npy)")] = None,
     points_root: Annotated[Optional[Path], typer.Option(help="scannet --points pointcept: the preprocessed folder (default ROOT)")] = None,
     images_root: Annotated[Optional[Path], typer.Option(help="s3dis: the 2D-3D-S folder holding area_* (default ROOT)")] = None,
+    feature_codec: Annotated[str, typer.Option(help="how features are stored: fp16, or int8 (1 byte a component)")] = "fp16",
     depth_tolerance: Annotated[float, typer.Option(help="visibility: relative depth agreement (OpenScene: 0.25)")] = 0.005,
     depth_tolerance_m: Annotated[float, typer.Option(help="visibility: absolute depth agreement in metres (OpenScene: 0)")] = 0.02,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list scenes, their points and usable images; "
@@ -78,6 +79,7 @@ def extract(
     reader_options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
     config = PrepConfig(dataset=dataset, root=root, teacher=model, weights=weights, image_scale=image_scale,
                         max_views=max_views, batch_size=batch_size, reader_options=reader_options,
+                        feature_codec=feature_codec,
                         projection=ProjectionConfig(depth_tolerance=depth_tolerance, depth_tolerance_m=depth_tolerance_m))
     out = out or Path("zarr") / dataset
     scene_ids = [s.strip() for value in scenes for s in value.split(",") if s.strip()] if scenes else None
@@ -170,6 +172,28 @@ def verify(
 
 
 @app.command()
+def recode(
+    source: Annotated[Path, typer.Argument(help="feature cache to read")],
+    destination: Annotated[Path, typer.Argument(help="new feature cache to write")],
+    feature_codec: Annotated[str, typer.Option(help="fp16 or int8")] = "int8",
+):
+    """Copy a cache into one with another feature codec, without running the teacher again."""
+    from rich.progress import Progress
+
+    from tttkd.pipeline.cache import CacheError, FeatureCache, recode as run
+
+    try:
+        total = len(FeatureCache(source).scene_ids())
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("recoding scenes", total=total)
+            written = run(source, destination, feature_codec=feature_codec, progress=lambda _: bar.advance(task))
+    except (OSError, CacheError, ValueError) as e:
+        fail(str(e))
+    console.print(f"{written} scenes written to {destination} ({feature_codec})")
+    _print_info(destination)
+
+
+@app.command()
 def info(
     store: Annotated[Path, typer.Argument(help="feature cache to describe")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
@@ -190,7 +214,7 @@ def _print_info(store: Path, *, as_json: bool = False) -> None:
         return
     table = Table(title=f"feature cache {store}", show_header=False)
     for key in ("scenes", "incomplete", "points", "seen_points", "seen_fraction", "mean_views_per_point",
-                "bytes_on_disk", "bytes_per_point", "teacher", "feature_dim"):
+                "bytes_on_disk", "bytes_per_point", "bytes_per_seen_point", "teacher", "feature_dim", "feature_codec"):
         value = summary[key]
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     for key, value in summary["provenance"].items():

@@ -61,7 +61,7 @@ ARRAY_NAMES = ("coord", "color", "normal", "label", "seen_index", "feature", "vi
 POINT_CHUNK = 1 << 17  # rows per chunk of per-point arrays: ~1.5 MB of coord
 FEATURE_CHUNK_BYTES = 4 << 20  # 2048 rows of ViT-L features: a KD window touches few chunks
 # provenance keys that must agree for two runs to write into one store
-IDENTITY_KEYS = ("teacher", "weights_sha256", "image_scale", "feature_dim", "feature_dtype",
+IDENTITY_KEYS = ("teacher", "weights_sha256", "image_scale", "feature_dim", "feature_dtype", "feature_codec",
                  "stride", "projection", "dataset", "reader_options")
 
 
@@ -179,8 +179,29 @@ def _join_split(path: Path, group, split: str | None) -> None:
     group.attrs["split"] = split
 
 
+FEATURE_CODECS = ("fp16", "int8")
+
+
+def feature_filters(codec: str) -> list:
+    """Zarr filters of the `feature` array. "int8": each component of the mean unit vector (in
+    [-1, 1]) stored as round(127 x) in one byte by numcodecs' `fixedscaleoffset` filter (offset 0,
+    scale 127, dtype <f2, astype |i1): plain zarr-python with numcodecs decodes it to float16, and
+    any other reader divides the int8 values by 127."""
+    if codec not in FEATURE_CODECS:
+        raise ValueError(f"unknown feature codec {codec!r}; choose one of {', '.join(FEATURE_CODECS)}")
+    if codec == "fp16":
+        return []
+    import warnings
+
+    from numcodecs.zarr3 import FixedScaleOffset
+
+    with warnings.catch_warnings():  # "numcodecs codecs are not in the Zarr v3 spec": README documents the bytes
+        warnings.simplefilter("ignore", UserWarning)
+        return [FixedScaleOffset(offset=0, scale=127, dtype="<f2", astype="|i1")]
+
+
 def write_scene(path: Path, scene: Scene, *, seen_index: np.ndarray, feature: np.ndarray,
-                view_count: np.ndarray, attrs: dict) -> bool:
+                view_count: np.ndarray, attrs: dict, feature_codec: str = "fp16") -> bool:
     """Write one scene's arrays, then mark it complete, under the scene's lock.
 
     Overwrites an incomplete earlier attempt; a scene that another run completed meanwhile is kept
@@ -208,6 +229,7 @@ def write_scene(path: Path, scene: Scene, *, seen_index: np.ndarray, feature: np
             chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape))
             # every chunk is written, zeros too: a missing chunk file then always means damage
             array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                       filters=feature_filters(feature_codec) if name == "feature" else None,
                                        compressors=(zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec()),
                                        config={"write_empty_chunks": True})
             if data.size:
@@ -331,7 +353,30 @@ def summarize(path: Path) -> dict:
         "store": str(path), "scenes": len(ids), "incomplete": len(cache.incomplete_scene_ids()),
         "points": points, "seen_points": seen, "seen_fraction": seen / points if points else 0.0,
         "mean_views_per_point": views / seen if seen else 0.0, "bytes_on_disk": size,
-        "bytes_per_point": size / points if points else 0.0, "teacher": provenance.get("teacher"),
-        "feature_dim": provenance.get("feature_dim"), "provenance": provenance,
+        "bytes_per_point": size / points if points else 0.0, "bytes_per_seen_point": size / seen if seen else 0.0, "teacher": provenance.get("teacher"),
+        "feature_dim": provenance.get("feature_dim"), "feature_codec": provenance.get("feature_codec", "fp16"),
+        "provenance": provenance,
         "last_run": cache.root.attrs.get("last_run"),
     }
+
+
+def recode(source: Path, destination: Path, *, feature_codec: str, progress=None) -> int:
+    """Copy every complete scene of the store at `source` into a new store with another feature
+    codec, without running the teacher again; return the number of scenes written. Re-running
+    resumes: scenes already complete in `destination` are kept."""
+    feature_filters(feature_codec)  # refuses an unknown codec before anything is written
+    cache = FeatureCache(source)
+    provenance = {**cache.provenance, "feature_codec": feature_codec, "recoded_from": str(source)}
+    done = open_for_writing(destination, provenance)
+    written = 0
+    for scene_id in cache.scene_ids():
+        if scene_id not in done:
+            scene = cache.read(scene_id)
+            attrs = {k: v for k, v in cache.scene_attrs(scene_id).items()
+                     if k not in ("complete", "num_points", "num_seen")}
+            points = Scene(scene_id, scene.coord, scene.color, scene.normal.astype(np.float32), scene.label)
+            written += write_scene(destination, points, seen_index=scene.seen_index, feature=scene.feature,
+                                   view_count=scene.view_count, attrs=attrs, feature_codec=feature_codec)
+        if progress is not None:
+            progress(scene_id)
+    return written

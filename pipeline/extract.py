@@ -54,6 +54,8 @@ class PrepConfig:
     batch_size: int = 16
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     seed: int = 0
+    feature_codec: str = "fp16"
+    """How `feature` is stored: "fp16", or "int8" (1 byte a component, cosine >= 0.99 to fp16; see cache.py)."""
     reader_options: dict = field(default_factory=dict)
     """Keyword options of the dataset's reader (e.g. ScanNet's frames_source="sens" or
     points="pointcept"), JSON-serialisable: they travel to the workers and into the provenance."""
@@ -285,6 +287,7 @@ def extract_scene(reader: DatasetReader, scene_id: str, *, teacher: Teacher, con
             store, scene, seen_index=seen.cpu().numpy(), feature=mean.cpu().numpy(),
             view_count=counts.cpu().numpy(),
             attrs={"split": split, "num_views": used, "views_skipped": skipped, "view_errors": view_errors},
+            feature_codec=config.feature_codec,
         )
         return SceneResult(scene_id, "done", num_points=scene.num_points, num_seen=int(len(seen)),
                            num_views=used, views_skipped=skipped, view_errors=view_errors,
@@ -314,6 +317,7 @@ def provenance(config: PrepConfig, *, feature_dim: int, stride: int, weights_sha
         "stride": stride,
         "feature_dim": feature_dim,
         "feature_dtype": "float16",
+        "feature_codec": config.feature_codec,
         "feature": "mean over views of L2-normalised teacher features (not re-normalised)",
         "projection": asdict(config.projection),
         "max_views": config.max_views,

@@ -20,7 +20,9 @@ from .cache import ARRAY_NAMES, CacheError, FeatureCache
 DTYPES = {"coord": "float32", "color": "uint8", "normal": "float16", "label": "int16", "seen_index": "int32",
           "feature": "float16", "view_count": "uint16"}
 NORM_TOLERANCE = 1e-2  # float16 rounding of a mean of unit vectors
-MIN_COSINE = 0.99
+MIN_COSINE = {"fp16": 0.99, "int8": 0.97}
+"""Lowest per-point cosine of a stored feature to a fresh extraction, by codec (int8 quantises each
+component to 1/254; a mean of disagreeing views is shorter, so its direction loses more)."""
 
 
 @dataclass
@@ -33,6 +35,14 @@ class SceneCheck:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def norm_tolerance(provenance: dict) -> float:
+    """How far above 1 a stored mean of unit vectors may read: fp16 rounding, or for int8 the worst
+    case of D components each rounded by up to half a step of 1/127."""
+    if provenance.get("feature_codec", "fp16") == "int8":
+        return float(np.sqrt(provenance["feature_dim"]) * 0.5 / 127)
+    return NORM_TOLERANCE
 
 
 def check_scene(cache: FeatureCache, scene_id: str) -> SceneCheck:
@@ -79,7 +89,7 @@ def check_scene(cache: FeatureCache, scene_id: str) -> SceneCheck:
     feature = arrays["feature"].astype(np.float32)
     if not np.isfinite(feature).all():
         result.problems.append("feature has non-finite values")
-    elif len(feature) and (norm := np.linalg.norm(feature, axis=1).max()) > 1 + NORM_TOLERANCE:
+    elif len(feature) and (norm := np.linalg.norm(feature, axis=1).max()) > 1 + norm_tolerance(cache.provenance):
         result.problems.append(f"a feature has norm {norm:.3f} > 1 (a mean of unit vectors cannot)")
     if len(seen) and arrays["view_count"].min() < 1:
         result.problems.append("a seen point has view_count 0")
@@ -102,7 +112,8 @@ def recompare(cache: FeatureCache, scene_id: str, *, root: Path, weights: Path |
     config = PrepConfig(dataset=stored["dataset"], root=Path(root), teacher=stored["teacher"], weights=weights,
                         image_scale=stored["image_scale"], max_views=stored.get("max_views"),
                         projection=ProjectionConfig(**stored["projection"]), seed=stored.get("seed", 0),
-                        reader_options=stored.get("reader_options") or {})
+                        reader_options=stored.get("reader_options") or {},
+                        feature_codec=stored.get("feature_codec", "fp16"))
     result = SceneCheck(scene_id)
     weights_path = resolve_weights(config.teacher, weights)
     if file_sha256(weights_path) != stored["weights_sha256"]:
@@ -127,8 +138,9 @@ def recompare(cache: FeatureCache, scene_id: str, *, root: Path, weights: Path |
     denominator = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     cosine = (a * b).sum(1) / np.maximum(denominator, 1e-12)
     result.min_cosine = float(cosine.min()) if len(cosine) else 1.0
-    if result.min_cosine < MIN_COSINE:
-        result.problems.append(f"re-extracted features differ: lowest cosine {result.min_cosine:.3f} < {MIN_COSINE}")
+    floor = MIN_COSINE[stored.get("feature_codec", "fp16")]
+    if result.min_cosine < floor:
+        result.problems.append(f"re-extracted features differ: lowest cosine {result.min_cosine:.3f} < {floor}")
     return result
 
 

@@ -1,0 +1,64 @@
+"""Feature codecs: what each stores, that plain zarr reads it back as floats, and `recode`."""
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from tttkd.cli.prep import app
+from tttkd.pipeline.cache import CacheError, FeatureCache, open_for_writing, recode
+from tttkd.pipeline.verify import verify_store
+
+runner = CliRunner()
+
+
+def cosine(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def test_int8_recode_keeps_every_direction_and_plain_zarr_reads_floats(synth_cache, tmp_path):
+    small = tmp_path / "int8.zarr"
+    result = runner.invoke(app, ["recode", str(synth_cache), str(small), "--feature-codec", "int8"])
+    assert result.exit_code == 0, result.output
+    fp16, int8 = FeatureCache(synth_cache), FeatureCache(small)
+    assert int8.provenance["feature_codec"] == "int8" and int8.scene_ids() == fp16.scene_ids()
+    for scene_id in fp16.scene_ids():
+        a, b = fp16.read(scene_id), int8.read(scene_id)
+        assert np.array_equal(a.seen_index, b.seen_index) and np.array_equal(a.coord, b.coord)
+        assert b.feature.dtype == np.float16  # decoded by the codec, not raw int8
+        c = cosine(a.feature, b.feature)
+        assert c.min() > 0.97 and c.mean() > 0.995, (c.min(), c.mean())
+        # what other readers do: the stored bytes are round(127 x) as int8
+        raw = zarr.open_array(small / "scenes" / scene_id / "feature", mode="r")
+        assert raw.metadata.to_dict()["codecs"][0]["name"] == "numcodecs.fixedscaleoffset"
+    assert [c.problems for c in verify_store(small)] == [[]] * 3
+    sizes = {p: FeatureCache(p).bytes_on_disk() for p in (synth_cache, small)}
+    assert sizes[small] < 0.75 * sizes[synth_cache]
+    info = runner.invoke(app, ["info", str(small), "--json"])
+    assert '"feature_codec": "int8"' in info.output
+
+
+def test_a_store_of_one_codec_is_refused_for_another(synth_cache, tmp_path):
+    small = tmp_path / "int8.zarr"
+    recode(synth_cache, small, feature_codec="int8")
+    with pytest.raises(CacheError, match="feature_codec='int8', this run has 'fp16'"):
+        open_for_writing(small, {**FeatureCache(synth_cache).provenance, "feature_codec": "fp16"})
+    with pytest.raises(ValueError, match="unknown feature codec 'int4'"):
+        recode(synth_cache, tmp_path / "x.zarr", feature_codec="int4")
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_extraction_writes_the_codec_it_is_asked_for(synth_root, tmp_path):
+    from tttkd.pipeline.extract import PrepConfig
+    from tttkd.pipeline.job import run_extraction
+
+    config = PrepConfig(dataset="scannet", root=synth_root, teacher="efficientnet_lite0", batch_size=4,
+                        feature_codec="int8")
+    report = run_extraction(config, out=tmp_path / "s.zarr", scene_ids=["scene0000_00"], workers=1, device="cpu",
+                            progress=False)
+    assert report.done == ["scene0000_00"]
+    cache = FeatureCache(tmp_path / "s.zarr")
+    assert cache.provenance["feature_codec"] == "int8"
+    raw = zarr.open_array(tmp_path / "s.zarr" / "scenes" / "scene0000_00" / "feature", mode="r")
+    assert raw.metadata.to_dict()["codecs"][0]["configuration"]["astype"] == "|i1"
