@@ -24,45 +24,83 @@ console = Console()
 @app.command("extract")
 def extract(
     root: Annotated[Optional[Path], typer.Option(help="ScanNet-layout dataset (default: generate embedded scenes)")] = None,
-    scenes: Annotated[int, typer.Option(help="scenes extracted end to end")] = 2,
+    scenes: Annotated[int, typer.Option(help="rooms generated per workload (or scenes of --root)")] = 2,
+    copies: Annotated[int, typer.Option(help="each generated room is also extracted as this many scenes in all")] = 1,
+    rendered: Annotated[int, typer.Option(help="frames ray-cast per room; further views link to them")] = 8,
+    data: Annotated[Optional[Path], typer.Option(help="keep generated workloads here, and reuse them (default: a temporary folder)")] = None,
+    workloads: Annotated[Optional[str], typer.Option(
+        help="VIEWSxPOINTS per scene, comma-separated (default: 16x50000,16x150000,48x150000 on CUDA, 8x20000 on CPU)")] = None,
+    image_sizes: Annotated[Optional[str], typer.Option(
+        help="colour JPEG sizes WxH, comma-separated; depth is 640x480 (default: 1296x968,640x480 on CUDA, 640x480 on CPU)")] = None,
     model: TeacherOpt = "efficientnet_lite0",
     weights: WeightsOpt = None,
     device: DeviceOpt = None,
-    batch_size: Annotated[int, typer.Option(help="images per teacher batch")] = 16,
+    batch_size: Annotated[int, typer.Option(help="images per teacher batch (both measures)")] = 16,
     image_scale: ScaleOpt = 0.25,
+    decoders: Annotated[Optional[int], typer.Option(help="decoding processes (default: CPU cores - 1)")] = None,
+    writers: Annotated[Optional[int], typer.Option(help="processes writing scenes (default: CPU cores / 2)")] = None,
+    feature_codec: Annotated[str, typer.Option(help="fp16 or int8")] = "fp16",
+    write: Annotated[bool, typer.Option(help="--no-write: everything but the zarr write, to see what it costs")] = True,
     repeats: Annotated[int, typer.Option(help="timed repeats of the model-only batch")] = 10,
     out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-extract.json"),
 ):
-    """Teacher-only and end-to-end extraction throughput (images/s), in one run."""
-    from tttkd.pipeline.bench import bench_extract, default_bench_config
-    from tttkd.pipeline.job import default_device
-    from tttkd.pipeline.synth import generate
+    """Teacher-only and end-to-end extraction throughput (images/s) and their ratio, in one run, for
+    each workload (views and points per scene) and colour image size."""
+    import os
 
+    from tttkd.pipeline.bench import Workload, bench_extract, default_bench_config, make_workload
+    from tttkd.pipeline.job import default_device
+
+    device = device or default_device()
+    cuda = device.startswith("cuda")
+    try:
+        sizes = [tuple(int(x) for x in item.lower().split("x")) for item in
+                 (image_sizes or ("1296x968,640x480" if cuda else "640x480")).split(",")]
+        loads = [tuple(int(x) for x in item.lower().split("x")) for item in
+                 (workloads or ("16x50000,16x150000,48x150000" if cuda else "8x20000")).split(",")]
+        assert all(len(p) == 2 for p in sizes + loads)
+    except (ValueError, AssertionError):
+        fail("--workloads takes VIEWSxPOINTS and --image-sizes WxH items, comma-separated (e.g. 16x150000, 1296x968)")
+    decoders = decoders if decoders is not None else max(1, (os.cpu_count() or 2) - 1)
+    writers = writers if writers is not None else max(1, (os.cpu_count() or 2) // 2)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if root is None:
-            root = Path(tmp) / "synth"
-            ids = generate(root, domain="a", scenes=scenes, seed=0)
-        else:
-            ids = sorted(p.name for p in (root / "scans").iterdir())[:scenes] if (root / "scans").is_dir() else []
-            if not ids:
-                fail(f"{root}: no scans/ folder with scenes")
-        config = default_bench_config(root, model, weights=weights, batch_size=batch_size, image_scale=image_scale)
-        try:
-            result = bench_extract(config, scene_ids=ids, device=device or default_device(), repeats=repeats)
-        except (OSError, ValueError, RuntimeError) as e:
-            fail(str(e))
-    table = Table(title=f"tttkd bench extract: {result['teacher']} on {result['device']} ({result['dtype']})")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("image size (H, W)", str(tuple(result["image_size"])))
-    table.add_row("batch", str(result["batch_size"]))
-    table.add_row("model only: ms / batch", f"{result['model_ms_per_batch']:.1f}")
-    table.add_row("model only: images / s", f"{result['model_images_per_s']:.1f}")
-    table.add_row("end to end: images / s", f"{result['end_to_end_images_per_s']:.1f}")
-    table.add_row("end to end: s / scene", f"{result['end_to_end_s_per_scene']:.2f}")
-    table.add_row("scenes, images, points", f"{result['end_to_end_scenes']}, {result['end_to_end_images']}, {result['end_to_end_points']}")
+        cases = [(None, None)] if root is not None else [(Workload(v, p, size), size) for size in sizes for v, p in loads]
+        for workload, _ in cases:
+            case_dir = Path(tmp) / (workload.name if workload else "root")
+            case_dir.mkdir()
+            if workload is None:
+                ids = sorted(p.name for p in (root / "scans").iterdir())[:scenes] if (root / "scans").is_dir() else []
+                if not ids:
+                    fail(f"{root}: no scans/ folder with scenes")
+            else:
+                folder = (data or case_dir) / f"{workload.name}-{scenes}x{copies}-r{rendered}"
+                console.print(f"generating {scenes} rooms of {workload.name} in {folder} ...")
+                ids = make_workload(folder, workload, unique=scenes, copies=copies, rendered=rendered)
+            config = default_bench_config(root if workload is None else folder, model, weights=weights, batch_size=batch_size, image_scale=image_scale,
+                                          feature_codec=feature_codec)
+            try:
+                result = bench_extract(config, scene_ids=ids, device=device, decoders=decoders, repeats=repeats,
+                                       store_dir=case_dir, write=write, writers=writers)
+            except (OSError, ValueError, RuntimeError) as e:
+                fail(str(e))
+            rows.append({"workload": workload.name if workload else str(root), **result})
+    table = Table(title=f"tttkd bench extract: {rows[0]['teacher']} on {rows[0]['device']} ({rows[0]['dtype']}), "
+                        f"batch {batch_size}, {decoders} decoding and {writers} writing processes"
+                        + ("" if write else ", no cache write"))
+    for column in ("workload", "colour (H, W)", "teacher input", "model only: images / s", "end to end: images / s",
+                   "ratio", "s / scene", "scenes, images, points"):
+        table.add_column(column, justify="left" if column == "workload" else "right")
+    for r in rows:
+        table.add_row(r["workload"], str(tuple(r["image_size"])), str(tuple(r["teacher_input"])),
+                      f"{r['model_images_per_s']:.1f}", f"{r['end_to_end_images_per_s']:.1f}", f"{r['ratio']:.1%}",
+                      f"{r['end_to_end_s_per_scene']:.3f}",
+                      f"{r['end_to_end_scenes']}, {r['end_to_end_images']}, {r['end_to_end_points']}")
     console.print(table)
-    out.write_text(json.dumps(result, indent=1))
+    for r in rows:  # whole lines too: a narrow terminal folds the table's headers
+        console.print(f"{r['workload']}: model only: images / s {r['model_images_per_s']:.1f}, end to end: images / s "
+                      f"{r['end_to_end_images_per_s']:.1f}, ratio {r['ratio']:.1%}", soft_wrap=True, highlight=False)
+    out.write_text(json.dumps({**rows[0], "rows": rows}, indent=1))  # top level: the first row, as before
     console.print(f"wrote {out}")
 
 
@@ -70,37 +108,46 @@ def extract(
 def train(
     cache: Annotated[Path, typer.Option("--cache", help="feature cache to train from")],
     model: Annotated[str, typer.Option(help="minkunet34c (paper) or small")] = "minkunet34c",
-    batch_size: Annotated[int, typer.Option(help="scenes per batch")] = 8,
+    batch_size: Annotated[str, typer.Option(help="scenes per batch, comma-separated for several")] = "4,8",
     workers: Annotated[int, typer.Option(help="data-loading workers")] = 4,
     steps: Annotated[int, typer.Option(help="timed steps (after 3 warm-up steps)")] = 20,
     voxel: Annotated[float, typer.Option(help="voxel size in metres")] = 0.04,
+    memory_mb: Annotated[float, typer.Option(help="fast path: MB of decoded scenes per loader worker")] = 2048,
+    paths: Annotated[str, typer.Option(help="input paths timed: reference (the original), fast, or both")] = "reference,fast",
     device: DeviceOpt = None,
     out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-train.json"),
 ):
-    """Training step time and the fraction of it spent waiting on data."""
+    """Training step time, the fraction of it spent waiting on data and scenes/s, for the original
+    and the fast input path at each batch size, in one run."""
     from dataclasses import replace
 
-
     from tttkd.bench import bench_train
-    from tttkd.pipeline.job import default_device
     from tttkd.data import DataConfig
+    from tttkd.pipeline.job import default_device
     from tttkd.train import TrainConfig
 
-    config = TrainConfig(model=model, batch_size=batch_size, workers=workers,
-                         data=replace(DataConfig(), voxel_size_m=voxel))
+    rows = []
     try:
-        result = bench_train(cache, config, steps=steps, device=device or default_device())
+        for size in (int(b) for b in batch_size.split(",")):
+            for path in paths.split(","):
+                if path not in ("reference", "fast"):
+                    fail(f"unknown input path {path!r}; choose reference, fast or both")
+                config = TrainConfig(model=model, batch_size=size, workers=workers, memory_mb=memory_mb,
+                                     reference_input=path == "reference", data=replace(DataConfig(), voxel_size_m=voxel))
+                rows.append(bench_train(cache, config, steps=steps, device=device or default_device()))
     except (OSError, ValueError) as e:
         fail(str(e))
-    table = Table(title=f"tttkd bench train: {model} on {result['device']}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for key in ("batch_size", "workers", "voxels_per_batch", "ms_per_step", "ms_compute_per_step",
-                "data_wait_fraction", "peak_gpu_mem_gb", "amp"):
-        value = result[key]
-        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    table = Table(title=f"tttkd bench train: {model} on {rows[0]['device']}, {workers} loader workers, "
+                        f"{rows[0]['scenes']} scenes")
+    for column in ("batch", "input path", "voxels / batch", "ms / step", "compute ms", "data wait", "scenes / s",
+                   "peak GPU GB"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch_size"]), r["input_path"], f"{r['voxels_per_batch']:.0f}", f"{r['ms_per_step']:.1f}",
+                      f"{r['ms_compute_per_step']:.1f}", f"{100 * r['data_wait_fraction']:.0f}%",
+                      f"{r['scenes_per_s']:.1f}", "-" if r["peak_gpu_mem_gb"] is None else f"{r['peak_gpu_mem_gb']:.2f}")
     console.print(table)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(rows, indent=1))
     console.print(f"wrote {out}")
 
 
@@ -108,24 +155,33 @@ def train(
 def ttt(
     sizes: Annotated[str, typer.Option(help="comma-separated voxel counts")] = "25000,100000,400000",
     model: Annotated[str, typer.Option(help="minkunet34c (paper) or small")] = "minkunet34c",
-    steps: Annotated[int, typer.Option(help="timed steps per size (median reported)")] = 10,
+    steps: Annotated[int, typer.Option(help="timed steps per size and path")] = 10,
     kd_points: Annotated[int, typer.Option(help="KD targets per step (paper: 16384)")] = 16384,
+    protocol_rotations: Annotated[int, typer.Option(
+        help="rotations of the offline protocol (100 steps each) to time per size and path, scaled to 8; 0: skip")] = 1,
     device: DeviceOpt = None,
     out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-ttt.json"),
 ):
-    """ms per TTT step and peak GPU memory at three scene sizes."""
+    """ms per TTT step, peak GPU memory and seconds per scene of the offline protocol at three scene
+    sizes: the reference path (index pairs rebuilt every step) beside the fast one (pairs built once
+    per rotation, nothing read back inside the step loop)."""
 
     from tttkd.bench import bench_ttt
     from tttkd.pipeline.job import default_device
 
     rows = bench_ttt(tuple(int(s) for s in sizes.split(",")), model=model, steps=steps, kd_points=kd_points,
-                     device=device or default_device())
+                     device=device or default_device(), protocol_rotations=protocol_rotations)
     table = Table(title=f"tttkd bench ttt: {model} on {rows[0]['device']}, {kd_points} KD points")
-    for column in ("voxels", "ms / step", "peak GPU memory (GB)"):
+    columns = ("voxels", "ms / step ref", "ms / step fast", "speed-up", "peak GB ref", "peak GB fast",
+               "s / scene ref", "s / scene fast")
+    for column in columns:
         table.add_column(column, justify="right")
+    number = lambda value, form: "-" if value is None else format(value, form)
     for r in rows:
-        table.add_row(str(r["voxels"]), f"{r['ms_per_step']:.1f}",
-                      "-" if r["peak_gpu_mem_gb"] is None else f"{r['peak_gpu_mem_gb']:.2f}")
+        table.add_row(str(r["voxels"]), f"{r['ms_per_step_reference']:.1f}", f"{r['ms_per_step_fast']:.1f}",
+                      f"{r['ms_per_step_reference'] / r['ms_per_step_fast']:.1f}x",
+                      number(r["peak_gpu_mem_gb_reference"], ".2f"), number(r["peak_gpu_mem_gb_fast"], ".2f"),
+                      number(r.get("protocol_s_reference"), ".1f"), number(r.get("protocol_s_fast"), ".1f"))
     console.print(table)
     out.write_text(json.dumps(rows, indent=1))
     console.print(f"wrote {out}")
@@ -143,13 +199,31 @@ def accuracy(
     voxel: Annotated[float, typer.Option(help="voxel size in metres")] = 0.06,
     workers: Annotated[int, typer.Option(help="Dask and data-loading workers")] = 2,
     device: DeviceOpt = None,
+    suite: Annotated[Optional[str], typer.Option(help="cpu or gpu: the shift-family suite with this protocol "
+                                                      "preset (then --scenes ... --voxel are not used)")] = None,
+    families: Annotated[str, typer.Option(help="suite: shift families, comma-separated (none: in-distribution)")] =
+        "appearance,sensor,geometry,all,none",
+    seeds: Annotated[Optional[str], typer.Option(help="suite: seeds, comma-separated (default: the preset's)")] = None,
+    rows: Annotated[Optional[str], typer.Option(help="suite: rows, comma-separated (default: all)")] = None,
+    teacher: Annotated[str, typer.Option(help="suite: efficientnet_lite0/1/2 (teacher ablation)")] = "efficientnet_lite0",
+    max_views: Annotated[Optional[int], typer.Option(help="suite: views per scene in the cache (ablation)")] = None,
+    work: Annotated[Optional[Path], typer.Option(help="suite: folder for data, caches, models (default OUT/work)")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="suite: stop cleanly before this many minutes")] = None,
 ):
-    """The embedded domain-shift experiment, both directions, with controls; writes the tables."""
+    """The embedded domain-shift experiment. With --suite: every row on every shift family and seed,
+    each cell saved as it finishes (a rerun resumes), then results.md (rows x families, mean ± std),
+    results.json and miou_vs_steps_<family>.png under --out. Without: a -> b and b -> a, with controls."""
     from dataclasses import replace
 
 
     from tttkd.pipeline.job import default_device
     from tttkd.shift import ShiftConfig, run_shift
+
+    if suite is not None:
+        _accuracy_suite(suite, out=out, families=families, seeds=seeds, rows=rows, teacher=teacher,
+                        max_views=max_views, workers=workers, work=work, max_minutes=max_minutes,
+                        device=device or default_device())
+        return
 
     config = ShiftConfig(scenes=scenes, workers=workers)
     config = replace(config, train=replace(config.train, epochs=epochs, model=model,
@@ -164,6 +238,34 @@ def accuracy(
         console.print(table)
     (out / "results.md").write_text("\n".join(tables.values()))
     console.print(f"wrote {out / 'results.md'}")
+
+
+def _accuracy_suite(name: str, *, out: Path, families: str, seeds: str | None, rows: str | None, teacher: str,
+                    max_views: int | None, workers: int, work: Path | None, max_minutes: float | None,
+                    device: str) -> None:
+    from dataclasses import replace
+
+    from tttkd.suite import SUITES, run_suite
+
+    if name not in SUITES:
+        fail(f"--suite {name!r}: choose one of {', '.join(SUITES)}")
+    config = SUITES[name]()
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else config.seeds
+    except ValueError:
+        fail(f"--seeds {seeds!r}: give integers, comma-separated")
+    config = replace(config, families=tuple(f.strip() for f in families.split(",") if f.strip()), seeds=seed_list,
+                     rows=tuple(r.strip() for r in rows.split(",")) if rows else config.rows, teacher=teacher,
+                     max_views=max_views, workers=max(workers, config.workers))  # the gpu preset: at least 8
+    try:
+        run = run_suite(config, out, work=work, device=device, max_minutes=max_minutes,
+                        log=lambda m: console.print(f"[bold]{m}[/bold]"), bars=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(str(e))
+    console.print((out / "results.md").read_text().split("\n\n### ")[0])
+    console.print(f"results.md, results.json and miou_vs_steps_<family>.png under {out}; cells under {out / 'cells'}")
+    console.print(f"cells done: {run.done}/{run.total}" + (" (stopped at the time limit: run again to go on)"
+                                                          if run.stopped else ""))
 
 
 @app.command("visibility")

@@ -17,3 +17,7 @@ app.command()(demo)
 app.command()(train)
 app.command("eval")(evaluate)
 app.command()(adapt)
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m tttkd.cli.main train ...
+    app()

@@ -24,6 +24,10 @@ def synth(
     scenes: Annotated[int, typer.Option(help="number of rooms")] = 8,
     seed: Annotated[int, typer.Option(help="random seed; output is deterministic for (seed, domain)")] = 0,
     views: Annotated[int, typer.Option(help="posed RGB-D views per room")] = 8,
+    image_size: Annotated[str, typer.Option(help="colour JPEG size WxH (ScanNet's sensor: 1296x968)")] = "640x480",
+    depth_size: Annotated[Optional[str], typer.Option(help="depth PNG size WxH (default: the colour size)")] = None,
+    points: Annotated[Optional[int], typer.Option(help="about this many points per room (ScanNet: ~150000); "
+                                                       "default: the domain's density")] = None,
 ):
     """Write procedural indoor rooms with posed RGB-D views in the ScanNet layout."""
     from rich.progress import Progress
@@ -32,11 +36,41 @@ def synth(
 
     if domain not in generator.DOMAINS:
         fail(f"unknown domain {domain!r}; choose one of {', '.join(generator.DOMAINS)}")
+    try:
+        colour, depth = (tuple(int(x) for x in size.lower().split("x")) if size else None
+                         for size in (image_size, depth_size))
+        assert all(size is None or (len(size) == 2 and min(size) > 0) for size in (colour, depth))
+    except (ValueError, AssertionError):
+        fail(f"--image-size {image_size!r} / --depth-size {depth_size!r}: give WxH with positive integers, e.g. 1296x968")
     with Progress(console=console) as bar:
         task = bar.add_task(f"domain {domain}", total=scenes)
-        generator.generate(out, domain=domain, scenes=scenes, seed=seed, views=views,
-                           progress=lambda _: bar.advance(task))
+        generator.generate(out, domain=domain, scenes=scenes, seed=seed, views=views, image_size=colour,
+                           depth_size=depth, points=points, progress=lambda _: bar.advance(task))
     console.print(f"wrote {scenes} scenes of domain {domain} to {out}")
+
+
+@app.command("synth-outdoor")
+def synth_outdoor(
+    out: Annotated[Path, typer.Option(help="dataset root to write (SemanticKITTI layout)")],
+    domain: Annotated[str, typer.Option(help="source (16-beam LiDAR, A2D2-like) or target (64-beam, SemanticKITTI-like)")] = "target",
+    scenes: Annotated[int, typer.Option(help="number of frames (one street each): 60% train, 20% val, 20% test")] = 10,
+    seed: Annotated[int, typer.Option(help="random seed; output is deterministic for (seed, domain)")] = 0,
+    image_scale: Annotated[float, typer.Option(help="size of the camera images relative to KITTI's 1242x375")] = 1.0,
+):
+    """Write procedural streets with a camera image and a simulated LiDAR sweep in the SemanticKITTI layout."""
+    from rich.progress import Progress
+
+    from tttkd.pipeline import streets
+
+    if domain not in streets.DOMAINS:
+        fail(f"unknown outdoor domain {domain!r}; choose one of {', '.join(streets.DOMAINS)}")
+    if scenes < 1 or not 0 < image_scale <= 4:
+        fail(f"--scenes must be at least 1 and --image-scale in (0, 4]; got {scenes} and {image_scale}")
+    with Progress(console=console) as bar:
+        task = bar.add_task(f"outdoor {domain}", total=scenes)
+        frames = streets.generate(out, domain=domain, scenes=scenes, seed=seed, image_scale=image_scale,
+                                  progress=lambda _: bar.advance(task))
+    console.print(f"wrote {len(frames)} frames of domain {domain} to {out}/sequences (00 train, 07 val, 08 test)")
 
 
 @app.command()
@@ -52,6 +86,7 @@ def extract(
     max_views: Annotated[Optional[int], typer.Option(help="at most this many random views per scene")] = None,
     workers: Annotated[int, typer.Option(help="worker processes of the local Dask cluster")] = 1,
     scheduler: Annotated[Optional[str], typer.Option(help="address of an existing Dask scheduler to join")] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="one worker per GPU of this machine (cuda:0..N-1), scenes spread over them")] = None,
     device: DeviceOpt = None,
     weights: WeightsOpt = None,
     image_scale: ScaleOpt = 0.25,
@@ -62,7 +97,9 @@ def extract(
     points: Annotated[Optional[str], typer.Option(help="scannet: mesh (scans/*_vh_clean_2.ply) or pointcept (preprocessed .npy)")] = None,
     points_root: Annotated[Optional[Path], typer.Option(help="scannet --points pointcept: the preprocessed folder (default ROOT)")] = None,
     images_root: Annotated[Optional[Path], typer.Option(help="s3dis: the 2D-3D-S folder holding area_* (default ROOT)")] = None,
-    feature_codec: Annotated[str, typer.Option(help="how features are stored: fp16, or int8 (1 byte a component)")] = "fp16",
+    feature_codec: Annotated[str, typer.Option(help="how features are stored: fp16, int8 (1 byte a component) or "
+                                               "pca-int8 (1 byte per coefficient in a fitted basis)")] = "fp16",
+    pca_dims: Annotated[Optional[int], typer.Option(help="pca-int8: coefficients per point (default 256)")] = None,
     depth_tolerance: Annotated[float, typer.Option(help="visibility: relative depth agreement (OpenScene: 0.25)")] = 0.005,
     depth_tolerance_m: Annotated[float, typer.Option(help="visibility: absolute depth agreement in metres (OpenScene: 0)")] = 0.02,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list scenes, their points and usable images; "
@@ -79,7 +116,7 @@ def extract(
     reader_options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
     config = PrepConfig(dataset=dataset, root=root, teacher=model, weights=weights, image_scale=image_scale,
                         max_views=max_views, batch_size=batch_size, reader_options=reader_options,
-                        feature_codec=feature_codec,
+                        feature_codec=feature_codec, pca_dims=_pca_dims(feature_codec, pca_dims),
                         projection=ProjectionConfig(depth_tolerance=depth_tolerance, depth_tolerance_m=depth_tolerance_m))
     out = out or Path("zarr") / dataset
     scene_ids = [s.strip() for value in scenes for s in value.split(",") if s.strip()] if scenes else None
@@ -89,8 +126,11 @@ def extract(
         _dry_run(config, scene_ids=scene_ids, split=split)
         return
     try:
-        report = run_extraction(config, out=out, scene_ids=scene_ids, split=split, workers=workers,
-                                scheduler=scheduler, device=device)
+        from tttkd.pipeline.pca import extract_pca  # pca-int8: a new store stages fp16 features first
+
+        report = (extract_pca if feature_codec == "pca-int8" else run_extraction)(
+            config, out=out, scene_ids=scene_ids, split=split, workers=workers, scheduler=scheduler, device=device,
+            gpus=gpus)
     except (OSError, ValueError) as e:
         fail(str(e))
     console.print(f"{len(report.done)} scenes extracted, {len(report.skipped)} already complete, "
@@ -100,6 +140,14 @@ def extract(
     _print_info(out)
     if report.failed:
         raise typer.Exit(1)
+
+
+def _pca_dims(feature_codec: str, pca_dims: int | None) -> int | None:
+    from tttkd.pipeline.pca import DEFAULT_PCA_DIMS
+
+    if feature_codec != "pca-int8" and pca_dims is not None:
+        fail(f"--pca-dims applies to --feature-codec pca-int8 only, not {feature_codec}")
+    return (pca_dims or DEFAULT_PCA_DIMS) if feature_codec == "pca-int8" else None
 
 
 def _dry_run(config, *, scene_ids: list[str] | None, split: str | None) -> None:
@@ -175,7 +223,8 @@ def verify(
 def recode(
     source: Annotated[Path, typer.Argument(help="feature cache to read")],
     destination: Annotated[Path, typer.Argument(help="new feature cache to write")],
-    feature_codec: Annotated[str, typer.Option(help="fp16 or int8")] = "int8",
+    feature_codec: Annotated[str, typer.Option(help="fp16, int8 or pca-int8")] = "int8",
+    pca_dims: Annotated[Optional[int], typer.Option(help="pca-int8: coefficients per point (default 256)")] = None,
 ):
     """Copy a cache into one with another feature codec, without running the teacher again."""
     from rich.progress import Progress
@@ -186,7 +235,8 @@ def recode(
         total = len(FeatureCache(source).scene_ids())
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("recoding scenes", total=total)
-            written = run(source, destination, feature_codec=feature_codec, progress=lambda _: bar.advance(task))
+            written = run(source, destination, feature_codec=feature_codec, pca_dims=_pca_dims(feature_codec, pca_dims),
+                          progress=lambda _: bar.advance(task))
     except (OSError, CacheError, ValueError) as e:
         fail(str(e))
     console.print(f"{written} scenes written to {destination} ({feature_codec})")
@@ -214,7 +264,8 @@ def _print_info(store: Path, *, as_json: bool = False) -> None:
         return
     table = Table(title=f"feature cache {store}", show_header=False)
     for key in ("scenes", "incomplete", "points", "seen_points", "seen_fraction", "mean_views_per_point",
-                "bytes_on_disk", "bytes_per_point", "bytes_per_seen_point", "teacher", "feature_dim", "feature_codec"):
+                "bytes_on_disk", "bytes_per_point", "bytes_per_seen_point", "teacher", "feature_dim", "feature_codec",
+                "pca_dims", "pca_cosine_mean", "pca_cosine_min"):
         value = summary[key]
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     for key, value in summary["provenance"].items():

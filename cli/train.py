@@ -15,8 +15,12 @@ from .options import CacheOpt, DeviceOpt, fail
 
 console = Console()
 
+# outdoor: xMUDA's 3D network on xyz only, 5 cm voxels (xMUDA's scale 20; paper §4.2 "only 3D coordinates")
+TRAIN_PRESETS = {"outdoor": dict(model="scn_unet", input_features="xyz", voxel=0.05)}
+
 
 def train(
+    ctx: typer.Context,
     cache: CacheOpt,
     out: Annotated[Path, typer.Option(help="run folder: checkpoints, metrics.jsonl, curves.png")] = Path("runs/scannet"),
     val_cache: Annotated[Optional[Path], typer.Option(help="cache whose --val-split scenes are evaluated after every epoch (default: CACHE)")] = None,
@@ -25,7 +29,10 @@ def train(
     voxel: Annotated[float, typer.Option(help="voxel size in metres (paper: 0.04)")] = 0.04,
     input_features: Annotated[str, typer.Option(help="color_normal (6 channels, indoors) or xyz (LiDAR)")] = "color_normal",
     no_kd: Annotated[bool, typer.Option("--no-kd", help="Source-Only: no kd_head, no KD loss")] = False,
-    model: Annotated[str, typer.Option(help="minkunet34c (paper) or small (CPU)")] = "minkunet34c",
+    model: Annotated[str, typer.Option(help="minkunet34c (paper, indoors), scn_unet (xMUDA / MM-TTA's U-Net, outdoors: "
+                                            "paper §4.2) or small (CPU)")] = "minkunet34c",
+    preset: Annotated[Optional[str], typer.Option(help="outdoor: --model scn_unet --input-features xyz --voxel 0.05 "
+                                                      "(xMUDA's set-up, paper §4.2); explicit options win")] = None,
     split: Annotated[str, typer.Option(
         help="split of the cache to train on, or all (every complete scene); a split the cache lacks is an error")] = "train",
     val_split: Annotated[str, typer.Option(
@@ -36,24 +43,46 @@ def train(
     workers: Annotated[int, typer.Option(help="data-loading worker processes")] = 2,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     resume: Annotated[bool, typer.Option(help="continue from OUT/last.pt")] = False,
+    gpus: Annotated[int, typer.Option(help="data-parallel processes, one per GPU (CPU processes with --device cpu); "
+                                           "--batch-size stays the global batch. Or launch with torchrun")] = 1,
+    memory_mb: Annotated[float, typer.Option(help="per loader worker: MB of decoded scenes kept in memory")] = 2048,
     device: DeviceOpt = None,
 ):
     """Train the 3D network jointly on segmentation and on distilling the cached teacher features."""
 
+    from tttkd import distributed
     from tttkd.data import DataConfig
     from tttkd.pipeline.job import default_device
     from tttkd.train import TrainConfig, train as run
 
+    if preset is not None:
+        if preset not in TRAIN_PRESETS:
+            fail(f"unknown preset {preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+        chosen = {name: (value if ctx.get_parameter_source(name).name != "DEFAULT" else TRAIN_PRESETS[preset][name])
+                  for name, value in (("model", model), ("input_features", input_features), ("voxel", voxel))}
+        model, input_features, voxel = chosen["model"], chosen["input_features"], chosen["voxel"]
     config = TrainConfig(epochs=epochs, batch_size=batch_size, max_lr=lr, use_kd=not no_kd, model=model,
                          split=None if split == "all" else split, validate=val_split != "none",
                          val_split=None if val_split in ("all", "none") else val_split,
-                         bn_momentum=bn_momentum, seed=seed, workers=workers,
+                         bn_momentum=bn_momentum, seed=seed, workers=workers, memory_mb=memory_mb,
                          data=replace(DataConfig(), voxel_size_m=voxel, input_features=input_features))
     device = device or default_device()
+    if gpus > 1:  # spawn one process per GPU; process 0 writes the outputs
+        try:
+            distributed.launch(gpus, run, cache, out, config, val_cache=val_cache, device=device, resume=resume)
+        except (OSError, ValueError) as e:
+            fail(str(e))
+        console.print(f"trained on {gpus} processes; outputs in {out} (last.pt, best.pt, metrics.jsonl, curves.png)")
+        return
+    rank, _, device = distributed.init_from_env(device)  # under torchrun: join its process group
     try:
         summary = run(cache, out, config, val_cache=val_cache, device=device, resume=resume)
     except (OSError, ValueError) as e:
         fail(str(e))
+    finally:
+        distributed.finish()
+    if rank != 0:
+        return
     console.print(f"trained {summary['steps']} steps; best val mIoU {summary['best_val_miou']}; "
                   f"outputs in {out} (last.pt, best.pt, metrics.jsonl, curves.png)")
 

@@ -1,21 +1,46 @@
-"""`tttkd bench extract`: images per second of the teacher alone and of the whole per-scene
-extraction (decode + projection + teacher + sampling + cache write), measured in one run.
+"""`tttkd bench extract`: images per second of the teacher alone and of the whole extraction
+(decode + projection + teacher + sampling + cache write, the fast path of `batched.py`), measured in
+one run at the same batch size, on ScanNet-sized embedded scenes.
+
+A workload is (views per scene, points per scene, colour image size). The embedded generator writes
+`unique` rooms of it (1296x968 or 640x480 colour JPEGs, 640x480 uint16 depth PNGs) in parallel,
+ray-casting `rendered` frames per room; further views of a room are links to those frames (the same
+poses again), and each room is listed `copies` times under other scene ids (its files linked, not
+rewritten). Ray casting a frame costs about a second of CPU; this keeps a long enough timed run to
+minutes of generation. Linked views and copies are decoded, projected, run and written again, so
+they cost extraction what distinct ones would.
 """
 
 from __future__ import annotations
 
+import os
 import platform
-import tempfile
 import time
-from dataclasses import replace
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import cache
-from .extract import PrepConfig, extract_scene, make_reader, provenance
-from .teacher import decode_image, file_sha256, load_teacher, resolve_weights
+from . import cache, synth
+from .batched import extract_scenes, process_pool
+from .extract import PrepConfig, decode_view, make_reader, provenance
+from .teacher import file_sha256, load_teacher, resolve_weights
+
+
+@dataclass(frozen=True)
+class Workload:
+    views: int
+    """Views per scene."""
+    points: int
+    """About this many points per scene."""
+    image_size: tuple[int, int] = (1296, 968)
+    """(width, height) of the colour JPEGs; depth PNGs are 640x480."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.views}v-{self.points // 1000}k-{self.image_size[0]}x{self.image_size[1]}"
 
 
 def sync(device: torch.device) -> None:
@@ -24,15 +49,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, repeats: int = 10,
-                  warmup: int = 2) -> dict:
-    """Time the teacher on batches of real images, then extract `scene_ids` end to end."""
-    teacher = load_teacher(config.teacher, weights=config.weights, device=device)
-    reader = make_reader(config.dataset, config.root, config.reader_options)
-    views = reader.read_views(scene_ids[0]).views
-    images = [teacher.prepare(decode_image(v.image_path, scale=config.image_scale))
-              for v in (views * config.batch_size)[: config.batch_size]]
-    batch = torch.stack(images)
+def _write_room(root: Path, scene_id: str, workload: Workload, rendered: int, seed: int) -> None:
+    rng = np.random.default_rng([seed, int(scene_id[5:9])])
+    synth.write_scene(root, scene_id, domain=synth.DOMAINS["a"], rng=rng, views=min(rendered, workload.views),
+                      invalid_pose=False, image_size=workload.image_size, depth_size=(640, 480), points=workload.points)
+    frames = root / "scannet_frames_25k" / scene_id
+    for view in range(rendered, workload.views):  # more views: links to the rendered frames
+        source, target = f"{(view % rendered) * 100:06d}", f"{view * 100:06d}"
+        for sub, ext in (("color", "jpg"), ("depth", "png"), ("pose", "txt")):
+            (frames / sub / f"{target}.{ext}").symlink_to(frames / sub / f"{source}.{ext}")
+
+
+def make_workload(root: Path, workload: Workload, *, unique: int, copies: int, rendered: int = 8,
+                  seed: int = 0) -> list[str]:
+    """Write `unique` rooms of `workload` under `root` (ScanNet layout), each with `rendered` frames
+    ray-cast, and list each room `copies` times; return the scene ids. A finished workload folder
+    (its `ids.txt`) is reused."""
+    listing = root / "ids.txt"
+    if listing.is_file():
+        return listing.read_text().split()
+    ids = [f"scene{i:04d}_00" for i in range(unique)]
+    with ProcessPoolExecutor(min(unique, os.cpu_count() or 1)) as pool:  # ray casting is CPU-bound numpy
+        list(pool.map(_write_room, [root] * unique, ids, [workload] * unique, [rendered] * unique, [seed] * unique))
+    scene_ids = list(ids)
+    for copy in range(1, copies):
+        for i, source in enumerate(ids):
+            target = f"scene{i:04d}_{copy:02d}"
+            scan = root / "scans" / target
+            scan.mkdir(parents=True, exist_ok=True)
+            for suffix in ("_vh_clean_2.ply", "_vh_clean_2.labels.ply"):
+                (scan / f"{target}{suffix}").symlink_to((root / "scans" / source / f"{source}{suffix}").resolve())
+            (root / "scannet_frames_25k" / target).symlink_to((root / "scannet_frames_25k" / source).resolve())
+            scene_ids.append(target)
+    listing.write_text("\n".join(scene_ids))
+    return scene_ids
+
+
+def time_teacher(teacher, pixels: torch.Tensor, *, repeats: int, warmup: int) -> float:
+    """Median seconds of the network on one batch already on the device (the teacher alone)."""
+    batch = teacher.prepare_batch(pixels.to(teacher.device))
     for _ in range(warmup):
         teacher.features(batch)
     sync(teacher.device)
@@ -42,39 +97,76 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, repe
         teacher.features(batch)
         sync(teacher.device)
         times.append(time.perf_counter() - start)
-    model_seconds = float(np.median(times))
+    return float(np.median(times))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "bench.zarr"
-        weights = resolve_weights(config.teacher, config.weights)
-        record = provenance(config, feature_dim=teacher.feature_dim, stride=teacher.stride,
-                            weights_sha256=file_sha256(weights), code_version="bench",
-                            class_names=reader.class_names)
+
+def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, decoders: int, repeats: int = 10,
+                  warmup: int = 3, store_dir: Path, write: bool = True, writers: int = 4) -> dict:
+    """Time the teacher alone on one batch of the workload's images, then extract `scene_ids` end to
+    end with the fast path into a fresh store (after a warm-up scene in another store)."""
+    start = time.perf_counter()
+    teacher = load_teacher(config.teacher, weights=config.weights, device=device)
+    load_seconds = time.perf_counter() - start
+    reader = make_reader(config.dataset, config.root, config.reader_options)
+    views = reader.read_views(scene_ids[0]).views
+    images = [decode_view(v, image_scale=config.image_scale, fit=teacher.spec).image
+              for v in (views * config.batch_size)[: config.batch_size]]
+    pixels = torch.from_numpy(np.stack(images))
+    model_seconds = time_teacher(teacher, pixels, repeats=repeats, warmup=warmup)
+
+    weights = resolve_weights(config.teacher, config.weights)
+    start = time.perf_counter()
+    digest = file_sha256(weights)
+    hash_seconds = time.perf_counter() - start
+    record = provenance(config, feature_dim=teacher.feature_dim, stride=teacher.stride, weights_sha256=digest,
+                        code_version="bench", class_names=reader.class_names)
+    with process_pool(decoders) as pool, process_pool(writers) as writing:
+        warm = store_dir / "warmup.zarr"
+        cache.open_for_writing(warm, record)
+        list(extract_scenes(reader, scene_ids[:1], teacher=teacher, config=config, store=warm, split=None, pool=pool,
+                            writers=writing))
+        store = store_dir / "bench.zarr"
         cache.open_for_writing(store, record)
-        extract_scene(reader, scene_ids[0], teacher=teacher, config=config, store=store, split=None)  # warm-up
-        start = time.perf_counter()
-        results = [extract_scene(reader, s, teacher=teacher, config=config, store=store, split=None) for s in scene_ids]
         sync(teacher.device)
+        timings: dict = {}
+        start = time.perf_counter()
+        results = list(extract_scenes(reader, scene_ids, teacher=teacher, config=config, store=store, split=None,
+                                      pool=pool, writers=writing, write=write, timings=timings))
         e2e_seconds = time.perf_counter() - start
     failed = {r.scene_id: r.reason for r in results if r.status != "done"}
     if failed:
         raise RuntimeError(f"benchmark scenes failed: {failed}")
     num_images = sum(r.num_views for r in results)
+    model_rate = config.batch_size / model_seconds
+    e2e_rate = num_images / e2e_seconds
     return {
         "teacher": config.teacher,
         "device": torch.cuda.get_device_name(teacher.device) if teacher.device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(teacher.dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "image_size": list(batch.shape[-2:]),
+        "cpu_cores": os.cpu_count(),
+        "decode_processes": decoders,
+        "write_processes": writers,
+        "image_size": list(pixels.shape[1:3]),
+        "teacher_input": list(teacher.prepare_batch(pixels[:1]).shape[-2:]),
         "batch_size": config.batch_size,
+        "feature_codec": config.feature_codec,
+        "cache_write": write,
         "model_ms_per_batch": model_seconds * 1e3,
-        "model_images_per_s": config.batch_size / model_seconds,
+        "model_images_per_s": model_rate,
         "end_to_end_scenes": len(scene_ids),
         "end_to_end_images": num_images,
         "end_to_end_points": sum(r.num_points for r in results),
-        "end_to_end_images_per_s": num_images / e2e_seconds,
+        "end_to_end_seen_points": sum(r.num_seen for r in results),
+        "end_to_end_images_per_s": e2e_rate,
         "end_to_end_s_per_scene": e2e_seconds / len(scene_ids),
+        "end_to_end_seconds": e2e_seconds,
+        "ratio": e2e_rate / model_rate,
+        "main_thread_s": timings,
+        "store_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
+        "teacher_load_s": load_seconds,
+        "weights_hash_s": hash_seconds,
     }
 
 

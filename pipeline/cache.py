@@ -13,7 +13,9 @@ Layout (read it with plain `zarr`; nothing here is pickled):
         seen_index  (M,)    int32     indices of the points seen by at least one view, in a random
                                       order: any contiguous block of rows is a uniform sample
         feature     (M, D)  float16   mean over views of the L2-normalised teacher features
+                                      (pca-int8: (M, K) coefficients in the store's basis)
         view_count  (M,)    uint16    number of views that saw each point
+    <store>/pca_basis  (D, K) float32  pca-int8 stores only: the orthonormal basis (pipeline/pca.py)
 
 `feature` holds mean_i(g_i / |g_i|) per point, deliberately not re-normalised: for a unit student
 vector f, E_i[f . g_i/|g_i|] = f . mean_i(g_i/|g_i|), so the cosine KD loss against this mean is
@@ -22,6 +24,12 @@ exactly the paper's expectation over images (§3.2) at the cost of one vector pe
 `provenance` names the teacher, its weights' sha256, the image scale, stride, feature dim and
 dtype, the projection parameters, dataset, splits and code version; a trainer refuses a cache whose
 teacher differs from its checkpoint's.
+
+Feature codecs (`provenance.feature_codec`; see `feature_filters`): "fp16"; "int8", each component
+as round(127 x) in one byte; "pca-int8", the K = `provenance.pca_dims` coefficients c = B^T f of
+each feature in the store's basis B, as int8 like "int8". plain zarr-python decodes both int8
+codecs to float16 (for pca-int8: the coefficients; B c is the feature). `FeatureCache.decode`
+expands coefficients; the KD loss never needs to (tttkd/loss.py).
 
 Integrity: every chunk carries a crc32c checksum (zarr's `crc32c` codec after zstd), so a flipped
 bit or a truncated chunk fails on read with an error naming the scene and the array;
@@ -62,7 +70,8 @@ POINT_CHUNK = 1 << 17  # rows per chunk of per-point arrays: ~1.5 MB of coord
 FEATURE_CHUNK_BYTES = 4 << 20  # 2048 rows of ViT-L features: a KD window touches few chunks
 # provenance keys that must agree for two runs to write into one store
 IDENTITY_KEYS = ("teacher", "weights_sha256", "image_scale", "feature_dim", "feature_dtype", "feature_codec",
-                 "stride", "projection", "dataset", "reader_options")
+                 "pca_dims", "stride", "projection", "dataset", "reader_options")
+BASIS_ARRAY = "pca_basis"  # root array of a pca-int8 store: (D, K) float32 (pipeline/pca.py)
 
 
 class CacheError(ValueError):
@@ -83,14 +92,24 @@ class CachedScene:
     view_count: np.ndarray  # (M,) uint16
 
 
-def open_for_writing(path: Path, provenance: dict, *, split: str | None = None, scene_ids: list[str] = ()) -> set[str]:
+def open_for_writing(path: Path, provenance: dict, *, split: str | None = None, scene_ids: list[str] = (),
+                     basis: np.ndarray | None = None) -> set[str]:
     """Create the store, or reopen one whose provenance matches; return the ids of complete scenes.
 
     `split` (None: no split) is recorded for this run's `scene_ids`: complete ones, which the run
     skips, get it here (see `assign_split`). Called once per run, by the job's client, before its
     workers write; runs started at the same time are serialised by the store's root lock.
+    A new pca-int8 store needs its `basis` (pca.fit_basis); an existing one keeps the basis it has.
     """
     path = Path(path)
+    pca = provenance.get("feature_codec") == "pca-int8"
+    if pca and basis is not None:
+        from .pca import basis_problem, basis_sha256
+
+        problem = basis_problem(basis, feature_dim=provenance.get("feature_dim"), dims=provenance.get("pca_dims"))
+        if problem:
+            raise CacheError(f"{path}: {problem}")
+        provenance = {**provenance, "pca_basis_sha256": basis_sha256(basis)}
     with root_lock(path):
         if (path / "zarr.json").exists():
             root = zarr.open_group(path, mode="r+", zarr_format=3)
@@ -109,8 +128,19 @@ def open_for_writing(path: Path, provenance: dict, *, split: str | None = None, 
             splits = sorted(set(stored.get("splits", [])) | ({split} if split else set()))
             root.attrs["provenance"] = {**stored, "splits": splits}
         else:  # one metadata write: a kill leaves no store, or a whole root
+            if pca and basis is None:
+                raise CacheError(f"{path}: a new pca-int8 store needs its basis before any feature: run "
+                                 "`tttkd-prep extract --feature-codec pca-int8` (it stages fp16 features and fits "
+                                 "one) or `tttkd-prep recode` an fp16 store")
             root = zarr.create_group(path, zarr_format=3, attributes={
                 "tttkd_cache": FORMAT_VERSION, "provenance": {**provenance, "splits": [split] if split else []}})
+        if pca and BASIS_ARRAY not in root:
+            if basis is None:  # a kill between the root and its basis; the basis is never rewritten otherwise
+                raise CacheError(f"{path}: pca-int8 store without its {BASIS_ARRAY} (an interrupted creation): "
+                                 "remove it and run again")
+            array = root.create_array(BASIS_ARRAY, shape=basis.shape, dtype=np.float32, chunks=basis.shape,
+                                      compressors=(zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec()))
+            array[...] = basis
         if "scenes" not in root:
             root.create_group("scenes")
         return complete_scene_ids(path)
@@ -179,14 +209,15 @@ def _join_split(path: Path, group, split: str | None) -> None:
     group.attrs["split"] = split
 
 
-FEATURE_CODECS = ("fp16", "int8")
+FEATURE_CODECS = ("fp16", "int8", "pca-int8")
 
 
 def feature_filters(codec: str) -> list:
     """Zarr filters of the `feature` array. "int8": each component of the mean unit vector (in
     [-1, 1]) stored as round(127 x) in one byte by numcodecs' `fixedscaleoffset` filter (offset 0,
     scale 127, dtype <f2, astype |i1): plain zarr-python with numcodecs decodes it to float16, and
-    any other reader divides the int8 values by 127."""
+    any other reader divides the int8 values by 127. "pca-int8": the same filter on the K
+    coefficients c = B^T f (|c| <= |f| <= 1, so they lie in [-1, 1] too)."""
     if codec not in FEATURE_CODECS:
         raise ValueError(f"unknown feature codec {codec!r}; choose one of {', '.join(FEATURE_CODECS)}")
     if codec == "fp16":
@@ -205,9 +236,22 @@ def write_scene(path: Path, scene: Scene, *, seen_index: np.ndarray, feature: np
     """Write one scene's arrays, then mark it complete, under the scene's lock.
 
     Overwrites an incomplete earlier attempt; a scene that another run completed meanwhile is kept
-    (it joins `attrs["split"]` if it had none) and False is returned."""
+    (it joins `attrs["split"]` if it had none) and False is returned. `feature` is (M, D) whatever
+    the codec: pca-int8 projects it onto the store's basis here."""
     assert feature.shape[0] == seen_index.shape[0] == view_count.shape[0]
     scene_id = check_scene_id(scene.scene_id)
+    if feature_codec == "pca-int8":
+        basis = _read_basis(path)  # (D, K)
+        assert feature.shape[1] == basis.shape[0], (feature.shape, basis.shape)
+        norm = np.linalg.norm(feature.astype(np.float32), axis=1)
+        feature = feature.astype(np.float32) @ basis
+        # cos(B B^T f, f) = |B^T f| / |f|: how much of each feature the basis keeps, recorded per scene
+        # so that a basis which does not fit scenes added later shows (`tttkd-prep info`)
+        kept = np.linalg.norm(feature, axis=1)[norm > 0] / norm[norm > 0]
+        attrs = {**attrs, "pca_cosine_mean": float(kept.mean()) if len(kept) else 1.0,
+                 "pca_cosine_min": float(kept.min()) if len(kept) else 1.0}
+    if feature_codec != "fp16":  # a component of 1.004 would wrap around to -127 in int8
+        feature = np.clip(feature, -1.0, 1.0)
     with scene_lock(path, scene_id):
         scenes = zarr.open_group(Path(path) / "scenes", mode="r+", zarr_format=3)
         existing = scenes.get(scene_id)
@@ -248,6 +292,7 @@ class FeatureCache:
         if not (self.path / "zarr.json").exists():
             raise CacheError(f"{self.path}: no feature cache here (run `tttkd-prep extract` first)")
         self.root = zarr.open_group(self.path, mode="r", zarr_format=3)
+        self._basis = None  # read and checked on first use (`basis`)
         if self.root.attrs.get("tttkd_cache") != FORMAT_VERSION:
             raise CacheError(f"{self.path}: not a tttkd feature cache of format {FORMAT_VERSION}")
 
@@ -276,6 +321,30 @@ class FeatureCache:
 
     def scene_attrs(self, scene_id: str) -> dict:
         return dict(self.root["scenes"][check_scene_id(scene_id)].attrs)
+
+    @property
+    def basis(self) -> np.ndarray | None:
+        """(D, K) float32 basis of a pca-int8 store (checked against the provenance), else None."""
+        if self.provenance.get("feature_codec") != "pca-int8":
+            return None
+        if self._basis is None:
+            from .pca import basis_problem, basis_sha256
+
+            basis = _read_basis(self.path)
+            provenance = self.provenance
+            problem = basis_problem(basis, feature_dim=provenance["feature_dim"], dims=provenance["pca_dims"])
+            if problem is None and basis_sha256(basis) != provenance.get("pca_basis_sha256"):
+                problem = "pca_basis differs from the one its provenance records (sha256)"
+            if problem:
+                raise CacheError(f"{self.path}: {problem}; the store's coefficients cannot be decoded")
+            self._basis = basis
+        return self._basis
+
+    def decode(self, feature: np.ndarray) -> np.ndarray:
+        """Stored rows of `feature` -> (n, D) float32 features (pca-int8: B c)."""
+        basis = self.basis
+        feature = feature.astype(np.float32)
+        return feature if basis is None else feature @ basis.T
 
     def read(self, scene_id: str) -> CachedScene:
         group = self._complete_group(scene_id)
@@ -324,6 +393,16 @@ class FeatureCache:
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.path) for f in files)
 
 
+def _read_basis(path: Path) -> np.ndarray:
+    """The root `pca_basis` array as written, with a CacheError naming the store when missing or damaged."""
+    try:
+        return zarr.open_array(Path(path) / BASIS_ARRAY, mode="r", zarr_format=3)[...]
+    except (KeyError, FileNotFoundError) as e:  # zarr's NodeNotFoundError is a FileNotFoundError
+        raise CacheError(f"{path}: pca-int8 store without its {BASIS_ARRAY} array; recode it again") from e
+    except (ValueError, RuntimeError, OSError) as e:
+        raise CacheError(f"{path}: {BASIS_ARRAY}: corrupt chunk ({e}); recode the store again") from e
+
+
 @contextmanager
 def _reading(path: Path, scene_id: str, name: str):
     """Turn a missing array or a chunk that fails its checksum or decoding into a CacheError that
@@ -342,8 +421,11 @@ def summarize(path: Path) -> dict:
     cache = FeatureCache(path)
     ids = cache.scene_ids()
     points = seen = views = 0
+    kept = []  # pca-int8: (seen points, mean and lowest cosine the basis keeps) per scene
     for scene_id in ids:
         attrs = cache.scene_attrs(scene_id)
+        if "pca_cosine_mean" in attrs:
+            kept.append((attrs["num_seen"], attrs["pca_cosine_mean"], attrs["pca_cosine_min"]))
         points += attrs["num_points"]
         seen += attrs["num_seen"]
         views += int(cache.root["scenes"][scene_id]["view_count"][...].astype(np.int64).sum())
@@ -355,28 +437,49 @@ def summarize(path: Path) -> dict:
         "mean_views_per_point": views / seen if seen else 0.0, "bytes_on_disk": size,
         "bytes_per_point": size / points if points else 0.0, "bytes_per_seen_point": size / seen if seen else 0.0, "teacher": provenance.get("teacher"),
         "feature_dim": provenance.get("feature_dim"), "feature_codec": provenance.get("feature_codec", "fp16"),
+        "pca_dims": provenance.get("pca_dims"),
+        "pca_cosine_mean": sum(n * m for n, m, _ in kept) / max(1, sum(n for n, _, _ in kept)) if kept else None,
+        "pca_cosine_min": min(low for _, _, low in kept) if kept else None,
         "provenance": provenance,
         "last_run": cache.root.attrs.get("last_run"),
     }
 
 
-def recode(source: Path, destination: Path, *, feature_codec: str, progress=None) -> int:
+def recode(source: Path, destination: Path, *, feature_codec: str, pca_dims: int | None = None, seed: int = 0,
+           progress=None) -> int:
     """Copy every complete scene of the store at `source` into a new store with another feature
     codec, without running the teacher again; return the number of scenes written. Re-running
-    resumes: scenes already complete in `destination` are kept."""
+    resumes: scenes already complete in `destination` are kept. pca-int8 fits its basis of
+    `pca_dims` directions (default pca.DEFAULT_PCA_DIMS) on `source` (seeded by `seed`), or keeps the
+    basis of an existing `destination`. Any codec converts to any other (coefficients are decoded)."""
+    from .pca import DEFAULT_PCA_DIMS, fit_basis
+
     feature_filters(feature_codec)  # refuses an unknown codec before anything is written
     cache = FeatureCache(source)
-    provenance = {**cache.provenance, "feature_codec": feature_codec, "recoded_from": str(source)}
-    done = open_for_writing(destination, provenance)
+    provenance = {k: v for k, v in cache.provenance.items() if k != "pca_basis_sha256"}
+    provenance.update(feature_codec=feature_codec, recoded_from=str(source), pca_dims=None)
+    basis = None
+    if feature_codec == "pca-int8":
+        provenance["pca_dims"] = pca_dims = pca_dims or DEFAULT_PCA_DIMS
+        existing = (Path(destination) / "zarr.json").exists()
+        basis = None if existing else fit_basis(cache, dims=pca_dims, seed=seed)
+    elif pca_dims is not None:
+        raise ValueError(f"--pca-dims applies to --feature-codec pca-int8 only, not {feature_codec}")
+    done = open_for_writing(destination, provenance, basis=basis)
     written = 0
     for scene_id in cache.scene_ids():
         if scene_id not in done:
             scene = cache.read(scene_id)
             attrs = {k: v for k, v in cache.scene_attrs(scene_id).items()
-                     if k not in ("complete", "num_points", "num_seen")}
+                     if k not in ("complete", "num_points", "num_seen", "pca_cosine_mean", "pca_cosine_min")}
             points = Scene(scene_id, scene.coord, scene.color, scene.normal.astype(np.float32), scene.label)
-            written += write_scene(destination, points, seen_index=scene.seen_index, feature=scene.feature,
+            written += write_scene(destination, points, seen_index=scene.seen_index, feature=cache.decode(scene.feature),
                                    view_count=scene.view_count, attrs=attrs, feature_codec=feature_codec)
         if progress is not None:
             progress(scene_id)
+    with root_lock(destination):  # the source's split names, which open_for_writing does not carry over
+        root = zarr.open_group(destination, mode="r+", zarr_format=3)
+        stored = root.attrs["provenance"]
+        root.attrs["provenance"] = {**stored, "splits": sorted(set(stored.get("splits", []))
+                                                                | set(cache.provenance.get("splits", [])))}
     return written

@@ -29,13 +29,15 @@ import torch
 from PIL import Image
 
 from . import cache
-from .project import ProjectionConfig, project_view
+from .a2d2 import A2D2Reader
+from .project import Projection, ProjectionConfig, project_view
 from .custom import CustomReader
 from .matterport import MatterportReader
 from .s3dis import S3DISReader
 from .scannet import ScanNetReader, valid_pose
+from .semantickitti import SemanticKITTIReader
 from .scene import IGNORE_LABEL, Camera, DatasetReader, Scene, SceneReadError, View
-from .teacher import ImageReadError, Teacher, decode_image, reading_image, sample_features
+from .teacher import ImageReadError, Teacher, TeacherSpec, decode_image, reading_image, sample_features
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class PrepConfig:
     seed: int = 0
     feature_codec: str = "fp16"
     """How `feature` is stored: "fp16", or "int8" (1 byte a component, cosine >= 0.99 to fp16; see cache.py)."""
+    pca_dims: int | None = None
+    """feature_codec "pca-int8": coefficients kept per point, in the store's basis (pipeline/pca.py)."""
     reader_options: dict = field(default_factory=dict)
     """Keyword options of the dataset's reader (e.g. ScanNet's frames_source="sens" or
     points="pointcept"), JSON-serialisable: they travel to the workers and into the provenance."""
@@ -75,7 +79,8 @@ class SceneResult:
     seconds: float = 0.0
 
 
-READERS = {"scannet": ScanNetReader, "s3dis": S3DISReader, "matterport": MatterportReader, "custom": CustomReader}
+READERS = {"scannet": ScanNetReader, "s3dis": S3DISReader, "matterport": MatterportReader, "custom": CustomReader,
+           "semantickitti": SemanticKITTIReader, "a2d2": A2D2Reader}
 ALIASES = {"matterport3d": "matterport"}
 
 
@@ -134,6 +139,9 @@ class SkippedView(Exception):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # raised in a decoding process, re-raised here: pickle both arguments
+        return SkippedView, (self.reason, str(self))
+
 
 def _camera_problem(camera: Camera) -> str:
     """What is wrong with a camera's intrinsics ("" if nothing)."""
@@ -181,26 +189,54 @@ def _read_depth(view: View) -> tuple[np.ndarray, Camera]:
     return depth, camera
 
 
-def _prepare_view(view: View, coord: np.ndarray, teacher: Teacher, config: PrepConfig):
-    """Decode one image at teacher scale and find the points it sees -> (image tensor, projection).
-    SkippedView if the view's pose, intrinsics, image or depth image is unusable."""
+@dataclass(frozen=True)
+class DecodedView:
+    """One view decoded at teacher scale, with what projecting points into it needs. Plain arrays
+    and frozen dataclasses only: it travels back from a decoding process by pickle."""
+
+    image: np.ndarray
+    """(H, W, 3) uint8 at `image_scale` of the file's size, not yet cropped or padded."""
+    camera: Camera
+    """The camera of the teacher's image (scaled, then cropped to the part that has features)."""
+    cam_to_world: np.ndarray
+    image_scale: float
+    """Teacher image width over the full-resolution width (scales the border margin)."""
+    depth: np.ndarray | None = None
+    depth_camera: Camera | None = None
+    depth_scale: float = 1000.0
+
+
+def decode_view(view: View, *, image_scale: float, fit: Teacher | TeacherSpec) -> DecodedView:
+    """Decode one view's image (and depth image) for a teacher (`fit.visible_size` says which part
+    of an image has features); SkippedView if the view's pose, intrinsics, image or depth image is
+    unusable. A module-level function of picklable arguments (pass the TeacherSpec), so a process
+    pool can run it."""
     check_view(view)
     try:
-        image = decode_image(view.image_path, scale=config.image_scale)
+        image = decode_image(view.image_path, scale=image_scale)
     except ImageReadError as e:
         raise SkippedView("missing image" if e.missing else "unreadable image", str(e)) from e
     height, width = image.shape[:2]
     if not _same_shape(width, height, view.camera):
         raise SkippedView("image size mismatch", f"{view.image_path}: decoded at {width}x{height} (scale "
-                          f"{config.image_scale}), but its intrinsics describe a {view.camera.width}x"
+                          f"{image_scale}), but its intrinsics describe a {view.camera.width}x"
                           f"{view.camera.height} image (another aspect ratio)")
-    camera = view.camera.resized(width, height).cropped(*teacher.visible_size(width, height))
+    camera = view.camera.resized(width, height).cropped(*fit.visible_size(width, height))
     depth, depth_camera = _read_depth(view) if view.depth_path is not None else (None, None)
-    projection = project_view(
-        coord, view.cam_to_world, camera, config=config.projection, image_scale=width / view.camera.width,
-        depth=depth, depth_camera=depth_camera, depth_scale=view.depth_scale,
-    )
-    return teacher.prepare(image), projection
+    return DecodedView(image, camera, np.asarray(view.cam_to_world, dtype=np.float64), width / view.camera.width,
+                       depth, depth_camera, view.depth_scale)
+
+
+def project_decoded(coord: np.ndarray, decoded: DecodedView, config: ProjectionConfig) -> Projection:
+    return project_view(coord, decoded.cam_to_world, decoded.camera, config=config, image_scale=decoded.image_scale,
+                        depth=decoded.depth, depth_camera=decoded.depth_camera, depth_scale=decoded.depth_scale)
+
+
+def _prepare_view(view: View, coord: np.ndarray, teacher: Teacher, config: PrepConfig):
+    """Decode one image at teacher scale and find the points it sees -> (image tensor, projection).
+    SkippedView if the view's pose, intrinsics, image or depth image is unusable."""
+    decoded = decode_view(view, image_scale=config.image_scale, fit=teacher)
+    return teacher.prepare(decoded.image), project_decoded(coord, decoded, config.projection)
 
 
 def check_scene(scene: Scene, class_names: tuple[str, ...]) -> None:
@@ -318,6 +354,7 @@ def provenance(config: PrepConfig, *, feature_dim: int, stride: int, weights_sha
         "feature_dim": feature_dim,
         "feature_dtype": "float16",
         "feature_codec": config.feature_codec,
+        "pca_dims": config.pca_dims if config.feature_codec == "pca-int8" else None,
         "feature": "mean over views of L2-normalised teacher features (not re-normalised)",
         "projection": asdict(config.projection),
         "max_views": config.max_views,

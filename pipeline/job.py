@@ -6,6 +6,11 @@ loads the teacher once and keeps it for all its tasks. Scenes already complete i
 skipped, so an interrupted run resumes. A scene whose worker dies (killed, out of memory) is run
 once more (the local cluster's allowed-failures is 1); if that worker dies too, the scene is
 reported failed (dask's KilledWorker), left incomplete in the store, and the other scenes go on.
+
+On CUDA a task is a group of scenes run by the fast path (`batched.py`: teacher batches across
+scenes, decoding and writing in process pools that live as long as the worker); `gpus=N` starts
+one worker per GPU of this machine, worker i on cuda:i, and spreads the groups over them. A killed
+worker then takes its group's scenes with it (retried once, as one scene is).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .scene import check_scene_id
 from .teacher import TEACHERS, Teacher, feature_dim_of, file_sha256, load_teacher, resolve_weights
 
 _worker_teachers: dict[tuple, Teacher] = {}
+_worker_pools: dict[str, object] = {}
 
 
 def _teacher_on_worker(name: str, weights: Path | None, device: str, threads: int) -> Teacher:
@@ -49,6 +55,37 @@ def _scene_task(scene_id: str, *, config: PrepConfig, weights: Path, device: str
         return SceneResult(scene_id, "failed", reason=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - start)
 
 
+def _worker_device(device: str, gpus: int | None) -> str:
+    """cuda:i on the i-th worker of a local cluster started with `gpus` workers, else `device`."""
+    if not gpus:
+        return device
+    from dask.distributed import get_worker
+
+    name = get_worker().name  # LocalCluster names its workers 0, 1, ...
+    return f"cuda:{int(name) % gpus}" if isinstance(name, int) or str(name).isdigit() else device
+
+
+def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, device: str, gpus: int | None,
+                 decoders: int, store: Path, split: str | None) -> list[SceneResult]:
+    """A group of scenes through the fast path (one stream of teacher batches across them)."""
+    from .batched import extract_scenes, process_pool
+
+    start = time.perf_counter()
+    try:
+        device = _worker_device(device, gpus)
+        if torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device))  # so side streams and pinned memory use that GPU
+        teacher = _teacher_on_worker(config.teacher, weights, device, 1)
+        if not _worker_pools:  # for the worker's life: starting processes costs seconds
+            _worker_pools.update(decode=process_pool(decoders), write=process_pool(max(1, decoders // 2)))
+        reader = make_reader(config.dataset, config.root, config.reader_options)
+        return list(extract_scenes(reader, scene_ids, teacher=teacher, config=config, store=store, split=split,
+                                   pool=_worker_pools["decode"], writers=_worker_pools["write"]))
+    except Exception as e:  # a batch job records every failure and goes on with the other groups
+        return [SceneResult(s, "failed", reason=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - start)
+                for s in scene_ids]
+
+
 @dataclass
 class ExtractReport:
     store: str
@@ -66,7 +103,7 @@ def default_device() -> str:
 
 def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None = None, split: str | None = None,
                    workers: int = 1, scheduler: str | None = None, device: str | None = None,
-                   progress: bool = True) -> ExtractReport:
+                   gpus: int | None = None, batched: bool | None = None, progress: bool = True) -> ExtractReport:
     """Extract every selected scene of `config.dataset` into the store at `out`.
 
     Args:
@@ -78,12 +115,20 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
         workers: worker processes of the local cluster (ignored with `scheduler`).
         scheduler: address of an existing Dask scheduler; its workers must see `config.root` and `out`.
         device: "cuda", "cpu", ...; default: CUDA when available.
+        gpus: one local worker per GPU (cuda:0 .. cuda:N-1), instead of `workers`.
+        batched: the fast path (groups of scenes per task, teacher batches across scenes);
+            default: on CUDA.
         progress: show a progress bar of scenes and images.
     """
     from dask.distributed import Client, LocalCluster, as_completed
 
     start = time.perf_counter()
     device = device or default_device()
+    if gpus:
+        if not device.startswith("cuda") or gpus > torch.cuda.device_count():
+            raise ValueError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        workers, device = gpus, "cuda"
+    batched = device.startswith("cuda") if batched is None else batched
     reader = make_reader(config.dataset, config.root, config.reader_options)
     if scene_ids is None:
         if split is None:
@@ -91,6 +136,7 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
         scene_ids = reader.scene_ids(split)
     scene_ids = [check_scene_id(s) for s in scene_ids]
     weights = resolve_weights(config.teacher, config.weights)
+    # hashed once, here: workers load the file, they never hash it (1.2 GB for ViT-L: ~1 s)
     record = provenance(config, feature_dim=feature_dim_of(config.teacher), stride=TEACHERS[config.teacher].stride,
                         weights_sha256=file_sha256(weights), code_version=tttkd.__version__,
                         class_names=reader.class_names)
@@ -103,17 +149,27 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
         else:
             # one retry per scene; one task per worker at a time, so a worker's death counts only
             # against the scene it was running, not against scenes queued behind it
+            # workers that are not daemons may start the fast path's decoding processes
             with dask.config.set({"distributed.scheduler.allowed-failures": 1,
-                                  "distributed.scheduler.worker-saturation": 1.0}):
+                                  "distributed.scheduler.worker-saturation": 1.0,
+                                  "distributed.worker.daemon": not batched}):
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=40)
             client = Client(cluster)
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
         try:
-            futures = client.map(_scene_task, todo, key=[f"extract-{s}" for s in todo], config=config,
-                                 weights=weights, device=device, threads=threads, store=Path(out).resolve(),
-                                 split=split, pure=False)
-            _collect(as_completed(futures), dict(zip(futures, todo)), report, total=len(todo), progress=progress)
+            if batched:
+                groups = _groups(todo, workers)
+                futures = client.map(_scenes_task, groups, key=[f"extract-{g[0]}-{len(g)}" for g in groups],
+                                     config=config, weights=weights, device=device, gpus=None if scheduler else gpus,
+                                     decoders=max(1, threads - 1), store=Path(out).resolve(), split=split, pure=False)
+                scenes_of = dict(zip(futures, groups))
+            else:
+                futures = client.map(_scene_task, todo, key=[f"extract-{s}" for s in todo], config=config,
+                                     weights=weights, device=device, threads=threads, store=Path(out).resolve(),
+                                     split=split, pure=False)
+                scenes_of = {f: [s] for f, s in zip(futures, todo)}
+            _collect(as_completed(futures), scenes_of, report, total=len(todo), progress=progress)
         finally:
             client.close()
             if cluster is not None:
@@ -123,7 +179,14 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
     return report
 
 
-def _collect(results, scene_of: dict, report: ExtractReport, *, total: int, progress: bool) -> None:
+def _groups(scene_ids: list[str], workers: int) -> list[list[str]]:
+    """Scenes in groups for the fast path: a few groups per worker, so workers finish together,
+    and at most 16 scenes a group, so a killed worker loses little; contiguous, to keep order."""
+    size = max(1, min(16, -(-len(scene_ids) // (4 * max(1, workers)))))
+    return [scene_ids[i: i + size] for i in range(0, len(scene_ids), size)]
+
+
+def _collect(results, scenes_of: dict, report: ExtractReport, *, total: int, progress: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -132,18 +195,24 @@ def _collect(results, scene_of: dict, report: ExtractReport, *, total: int, prog
         task = bar.add_task("scenes", total=total, images=0, failed=0)
         for future in results:
             try:
-                result: SceneResult = future.result()
+                outcome = future.result()
+                outcome = outcome if isinstance(outcome, list) else [outcome]
             except Exception as e:  # the task's workers died (distributed.KilledWorker), or it was lost
-                result = SceneResult(scene_of[future], "failed", reason=f"{type(e).__name__}: {e}")
-            if result.status == "done":
-                report.done.append(result.scene_id)
-                report.images += result.num_views
-                for reason, count in result.views_skipped.items():
-                    report.views_skipped[reason] = report.views_skipped.get(reason, 0) + count
-            else:
-                report.failed[result.scene_id] = result.reason
-                bar.console.print(f"[red]failed[/red] {result.scene_id}: {result.reason}")
-            bar.update(task, advance=1, images=report.images, failed=len(report.failed))
+                outcome = [SceneResult(s, "failed", reason=f"{type(e).__name__}: {e}") for s in scenes_of[future]]
+            for result in outcome:
+                _count(result, report, bar)
+                bar.update(task, advance=1, images=report.images, failed=len(report.failed))
+
+
+def _count(result: SceneResult, report: ExtractReport, bar) -> None:
+    if result.status == "done":
+        report.done.append(result.scene_id)
+        report.images += result.num_views
+        for reason, count in result.views_skipped.items():
+            report.views_skipped[reason] = report.views_skipped.get(reason, 0) + count
+    else:
+        report.failed[result.scene_id] = result.reason
+        bar.console.print(f"[red]failed[/red] {result.scene_id}: {result.reason}")
 
 
 def _record_run(out: Path, report: ExtractReport) -> None:

@@ -44,7 +44,12 @@ def shared_classes(source: str, target: str) -> list[tuple[str, str]]:
 
 
 def paper_results(source: str, target: str) -> dict[str, float]:
-    """The paper's mIoU (%) of each row of Table 1 (Mink backbone) for `source` -> `target`, or {}
-    where the paper has no such experiment (e.g. the embedded domains)."""
-    table = json.loads((manifest_dir("") / "paper_table1.json").read_text())
-    return next((dict(r["miou"]) for r in table["results"] if (r["source"], r["target"]) == (source, target)), {})
+    """The paper's mIoU (%) of each row of Table 1 (indoor, Mink backbone) or Table 2 (outdoor,
+    a2d2 -> semantickitti) for `source` -> `target`, or {} where the paper has no such experiment
+    (e.g. the embedded domains)."""
+    for name in ("paper_table1.json", "paper_table2.json"):
+        table = json.loads((manifest_dir("") / name).read_text())
+        found = next((dict(r["miou"]) for r in table["results"] if (r["source"], r["target"]) == (source, target)), None)
+        if found is not None:
+            return found
+    return {}

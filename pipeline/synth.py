@@ -6,8 +6,15 @@ Points are sampled on the visible surfaces; views are ray-cast from the same geo
 depth buffer, so the images and the points agree the way a real RGB-D scan does.
 
 Two domains differ the way real datasets do, so that b is out of distribution for a model
-trained on a: palette and lighting (images and points), sensor noise and point density (points
-only), and furniture proportions (geometry).
+trained on a: palette and lighting (images and points), sensor noise, point density and missing
+normals (points only), and furniture proportions and layout (geometry).
+
+Shift families (`FAMILIES`) take domain a's rooms (same seed: the same rooms) and change one group
+of parameters to domain b's values: `appearance` (palette and lighting), `sensor` (point noise,
+density, missing normals), `geometry` (furniture proportions and layout), and `all` (every group:
+domain b's parameters on domain a's rooms). Each room draws its layout, paint, points, sensor noise
+and camera poses from five independent random streams, so a family changes only what it names.
+The values are fixed here, once, and written with every generated dataset to `synth.json`.
 
 Written as ScanNet is (see `scannet.py`): `scans/<scene>/<scene>_vh_clean_2.ply` with colours and
 normals, `_vh_clean_2.labels.ply` with nyu40 ids, `scannet_frames_25k/<scene>/{color,depth,pose}`,
@@ -19,7 +26,9 @@ normals, `_vh_clean_2.labels.ply` with nyu40 ids, `scannet_frames_25k/<scene>/{c
 from __future__ import annotations
 
 import colorsys
-from dataclasses import dataclass
+import copy
+import json
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +69,34 @@ class Domain:
     """Points sampled per square metre of visible surface."""
     proportions: tuple[float, float, float]
     """Scale of furniture footprint (x, y) and height (z)."""
+    missing_normals: float = 0.0
+    """Share of points written with a zero normal (a scanner that reports none for them)."""
+    furniture_count: tuple[int, int] = (5, 9)
+    """Free-standing objects per room: drawn from [lo, hi)."""
+    room_size_m: tuple[float, float] = (4.0, 6.5)
+    """Range of the room's floor sides."""
+    wall_share: float = 0.5
+    """Probability that a free-standing object is pushed against a wall."""
 
 
-DOMAINS = {
-    "a": Domain(0.0, (1.0, 1.0, 1.0), 0.75, 0.35, 0.002, 3.0, 300.0, (1.0, 1.0, 1.0)),
-    "b": Domain(0.45, (1.0, 0.82, 0.62), 0.55, 0.25, 0.015, 14.0, 150.0, (0.8, 0.8, 1.3)),
+# which Domain fields each shift family changes
+FAMILY_FIELDS = {
+    "appearance": ("hue_shift", "light_rgb", "light_intensity", "ambient"),
+    "sensor": ("coord_noise_m", "color_noise", "density_per_m2", "missing_normals"),
+    "geometry": ("proportions", "furniture_count", "room_size_m", "wall_share"),
 }
+FAMILY_FIELDS["all"] = sum(FAMILY_FIELDS.values(), ())
+FAMILIES = tuple(FAMILY_FIELDS)
+
+_SOURCE = Domain(0.0, (1.0, 1.0, 1.0), 0.75, 0.35, 0.002, 3.0, 300.0, (1.0, 1.0, 1.0))
+# fixed before any adaptation ran; never tune these to favour a method
+_SHIFTED = Domain(0.45, (1.0, 0.82, 0.62), 0.55, 0.25, 0.015, 14.0, 150.0, (0.8, 0.8, 1.3),
+                  missing_normals=0.3, furniture_count=(7, 11), room_size_m=(3.5, 5.5), wall_share=0.8)
+DOMAINS = {"a": _SOURCE, "b": _SHIFTED} | {
+    family: replace(_SOURCE, **{name: getattr(_SHIFTED, name) for name in names})
+    for family, names in FAMILY_FIELDS.items()}
+ROOMS_OF = {name: "b" if name == "b" else "a" for name in DOMAINS}
+"""Whose rooms a domain furnishes: the families shift domain a's rooms; b has rooms of its own."""
 
 
 @dataclass
@@ -118,17 +149,19 @@ def _furniture(kind: int, rng, scale) -> list[tuple[np.ndarray, np.ndarray, int]
 FREE_STANDING = (BED, CHAIR, SOFA, TABLE, DESK, CABINET, BOOKSHELF, REFRIGERATOR, CHAIR, TABLE)
 
 
-def build_room(rng: np.random.Generator, domain: Domain) -> list[Box]:
-    """A furnished room as a list of boxes; index 0 is the room shell."""
-    size = np.array([rng.uniform(4.0, 6.5), rng.uniform(4.0, 6.5), rng.uniform(2.5, 3.0)])
+def build_room(rng: np.random.Generator, domain: Domain, paint: np.random.Generator | None = None) -> list[Box]:
+    """A furnished room as a list of boxes; index 0 is the room shell. Colours and textures come
+    from `paint` (default: `rng`), so a palette change leaves the layout alone."""
+    paint = rng if paint is None else paint
+    size = np.array([rng.uniform(*domain.room_size_m), rng.uniform(*domain.room_size_m), rng.uniform(2.5, 3.0)])
 
     def color(nyu40):
         h, s, v = colorsys.rgb_to_hsv(*PALETTE[nyu40])
         rgb = colorsys.hsv_to_rgb((h + domain.hue_shift) % 1.0, s, v)
-        return np.clip(np.array(rgb) * rng.uniform(0.85, 1.15, 3), 0, 1)
+        return np.clip(np.array(rgb) * paint.uniform(0.85, 1.15, 3), 0, 1)
 
     def texture():
-        return np.array([*rng.uniform(-6, 6, 3), rng.uniform(0, 2 * np.pi)])
+        return np.array([*paint.uniform(-6, 6, 3), paint.uniform(0, 2 * np.pi)])
 
     boxes = [Box(np.zeros(3), size, WALL, color(WALL), texture(), inverted=True,
                  floor_color=color(FLOOR), ceiling_color=color(CEILING))]
@@ -154,7 +187,7 @@ def build_room(rng: np.random.Generator, domain: Domain) -> list[Box]:
             if kind == DOOR:  # keep the doorway clear
                 footprints.append((lo[:2] - 0.6, hi[:2] + 0.6))
 
-    kinds = rng.choice(FREE_STANDING, size=int(rng.integers(5, 9)), replace=True)
+    kinds = rng.choice(FREE_STANDING, size=int(rng.integers(*domain.furniture_count)), replace=True)
     for kind in kinds:
         parts = _furniture(int(kind), rng, domain.proportions)
         extent = np.max([hi for _, hi, _ in parts], axis=0)
@@ -164,7 +197,7 @@ def build_room(rng: np.random.Generator, domain: Domain) -> list[Box]:
             if ext[0] >= size[0] - 0.2 or ext[1] >= size[1] - 0.2:
                 continue
             origin = np.array([rng.uniform(0.05, size[0] - ext[0] - 0.05), rng.uniform(0.05, size[1] - ext[1] - 0.05)])
-            if rng.random() < 0.5:
+            if rng.random() < domain.wall_share:
                 axis = int(rng.integers(0, 2))
                 origin[axis] = 0.02 if rng.random() < 0.5 else size[axis] - ext[axis] - 0.02
             if free(origin, origin + ext[:2]):
@@ -325,15 +358,18 @@ class Room:
 
 
 def make_room(rng: np.random.Generator, domain: Domain, views: int) -> Room:
-    boxes = build_room(rng, domain)
-    clean, normal, owner = sample_points(boxes, rng, domain)
+    # independent streams: a family that changes one of them leaves the others' draws identical
+    layout, paint, points, sensor, cameras = rng.spawn(5)
+    boxes = build_room(layout, domain, paint)
+    clean, normal, owner = sample_points(boxes, points, domain)
     nyu40 = np.array([b.nyu40 for b in boxes])[owner]
     nyu40 = np.where(owner == 0, shell_labels(normal), nyu40)
     color = shade(boxes, owner, clean, normal, domain) * 255
-    color = np.clip(color + rng.normal(0, domain.color_noise, color.shape), 0, 255).round().astype(np.uint8)
-    coord = clean + rng.normal(0, domain.coord_noise_m, clean.shape)
+    color = np.clip(color + sensor.normal(0, domain.color_noise, color.shape), 0, 255).round().astype(np.uint8)
+    coord = clean + sensor.normal(0, domain.coord_noise_m, clean.shape)
+    normal = np.where((sensor.random(len(clean)) < domain.missing_normals)[:, None], 0.0, normal)
     camera = Camera(SENSOR_INTRINSICS, *SENSOR_SIZE).resized(*IMAGE_SIZE)
-    return Room(boxes, clean, coord, normal, nyu40, color, camera_poses(boxes, rng, views), camera)
+    return Room(boxes, clean, coord, normal, nyu40, color, camera_poses(boxes, cameras, views), camera)
 
 
 def visible_from(room: Room, pose: np.ndarray) -> np.ndarray:
@@ -345,10 +381,20 @@ def visible_from(room: Room, pose: np.ndarray) -> np.ndarray:
 
 
 def write_scene(root: Path, scene_id: str, *, domain: Domain, rng: np.random.Generator, views: int,
-                invalid_pose: bool) -> int:
-    """Generate one scene under `root` in the ScanNet layout; return its number of points."""
+                invalid_pose: bool, image_size: tuple[int, int] = IMAGE_SIZE, depth_size: tuple[int, int] | None = None,
+                points: int | None = None) -> int:
+    """Generate one scene under `root` in the ScanNet layout; return its number of points.
+
+    `image_size` (colour JPEGs), `depth_size` (depth PNGs, default: the colour size) and `points`
+    (about this many points, instead of the domain's density) make ScanNet-sized scenes for
+    `tttkd bench extract`: 1296x968 colour, 640x480 depth, ~150k points. Frames are ray-cast at the
+    depth size and the colour image is resized from that render (only its size matters there)."""
+    if points is not None:  # the density that puts about `points` on the room's faces (a few are hidden)
+        probe = make_room(copy.deepcopy(rng), domain, 0)  # the same room at the domain's density
+        domain = replace(domain, density_per_m2=domain.density_per_m2 * points / max(1, len(probe.coord)))
     room = make_room(rng, domain, views)
-    coord, normal, nyu40, color, camera = room.coord, room.normal, room.nyu40, room.color, room.camera
+    coord, normal, nyu40, color = room.coord, room.normal, room.nyu40, room.color
+    camera = Camera(SENSOR_INTRINSICS, *SENSOR_SIZE).resized(*(depth_size or image_size))
 
     scan = root / "scans" / scene_id
     scan.mkdir(parents=True, exist_ok=True)
@@ -374,7 +420,10 @@ def write_scene(root: Path, scene_id: str, *, domain: Domain, rng: np.random.Gen
     for index, pose in enumerate(room.poses):
         image, depth = render(room.boxes, pose, camera, domain)
         frame = f"{index * 100:06d}"  # the 25k subset keeps every 100th frame
-        Image.fromarray(image).save(frames / "color" / f"{frame}.jpg", quality=90)
+        colour = Image.fromarray(image)
+        if colour.size != tuple(image_size):
+            colour = colour.resize(tuple(image_size), Image.BILINEAR)
+        colour.save(frames / "color" / f"{frame}.jpg", quality=90)
         Image.fromarray((depth * 1000).round().astype(np.uint16)).save(frames / "depth" / f"{frame}.png")
         if invalid_pose and index == views - 1:
             pose = np.full((4, 4), -np.inf)  # lost tracking, as in real ScanNet frames
@@ -383,16 +432,23 @@ def write_scene(root: Path, scene_id: str, *, domain: Domain, rng: np.random.Gen
 
 
 def generate(out: Path, *, domain: str, scenes: int, seed: int, views: int = 8, val_fraction: float = 0.25,
-             progress=None) -> list[str]:
-    """Write `scenes` rooms of `domain` under `out`; deterministic for (`seed`, `domain`)."""
+             progress=None, image_size: tuple[int, int] = IMAGE_SIZE, depth_size: tuple[int, int] | None = None,
+             points: int | None = None) -> list[str]:
+    """Write `scenes` rooms of `domain` (a, b or a shift family) under `out`; deterministic for
+    (`seed`, `domain`). A family furnishes the rooms domain a has for the same seed. The domain's
+    parameters go to `out/synth.json`."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "synth.json").write_text(json.dumps(
+        {"domain": domain, "rooms_of": ROOMS_OF[domain], "seed": seed, "scenes": scenes, "views": views,
+         "changed": list(FAMILY_FIELDS.get(domain, ())), "parameters": asdict(DOMAINS[domain])}, indent=1))
     ids = [f"scene{i:04d}_00" for i in range(scenes)]
     for i, scene_id in enumerate(ids):
-        rng = np.random.default_rng([seed, ord(domain), i])  # per scene: any subset regenerates identically
-        write_scene(out, scene_id, domain=DOMAINS[domain], rng=rng, views=views, invalid_pose=(i % 3 == 2))
+        rng = np.random.default_rng([seed, ord(ROOMS_OF[domain]), i])  # per scene: any subset regenerates identically
+        write_scene(out, scene_id, domain=DOMAINS[domain], rng=rng, views=views, invalid_pose=(i % 3 == 2),
+                    image_size=image_size, depth_size=depth_size, points=points)  # sizes: see write_scene
         if progress is not None:
             progress(scene_id)
     num_val = int(round(scenes * val_fraction)) if scenes > 1 else 0

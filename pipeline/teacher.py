@@ -59,6 +59,18 @@ class TeacherSpec:
         DINOv2 crops the right/bottom remainder; the CNN pads it (replicated edge) and keeps every pixel."""
         return "crop" if self.family == "dinov2" else "pad"
 
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the tensor fed to the network for an image of this size."""
+        m = self.size_multiple
+        if self.fit == "crop":
+            return width // m * m, height // m * m
+        return -(-width // m) * m, -(-height // m) * m
+
+    def visible_size(self, width: int, height: int) -> tuple[int, int]:
+        """The part of an image that has features: the crop for DINOv2, all of it for padded CNNs."""
+        in_w, in_h = self.input_size(width, height)
+        return min(width, in_w), min(height, in_h)
+
 
 TEACHERS = {
     **{f"dinov2_{a}": TeacherSpec("dinov2", a) for a in dinov2.VIT_CONFIGS},
@@ -151,16 +163,10 @@ class Teacher:
         return feature_dim_of(self.name) if self.spec.family == "dinov2" else self.network.feature_dim
 
     def input_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) of the tensor fed to the network for an image of this size."""
-        m = self.spec.size_multiple
-        if self.spec.fit == "crop":
-            return width // m * m, height // m * m
-        return -(-width // m) * m, -(-height // m) * m
+        return self.spec.input_size(width, height)
 
     def visible_size(self, width: int, height: int) -> tuple[int, int]:
-        """The part of an image that has features: the crop for DINOv2, all of it for padded CNNs."""
-        in_w, in_h = self.input_size(width, height)
-        return min(width, in_w), min(height, in_h)
+        return self.spec.visible_size(width, height)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, H', W') float32 normalised, fitted to the size multiple."""
@@ -173,6 +179,19 @@ class Teacher:
             x = F.pad(x[None], (0, in_w - width, 0, in_h - height), mode="replicate")[0]
         return x
 
+    def prepare_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 on any device -> (B, 3, H', W') normalised on that device, fitted to
+        the size multiple: `prepare` for a batch, so the GPU does the arithmetic and only uint8
+        pixels cross the bus (a quarter of the float32 bytes)."""
+        height, width = images.shape[1:3]
+        in_w, in_h = self.input_size(width, height)
+        x = images.permute(0, 3, 1, 2).float().div_(255)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        x = x[:, :, : min(height, in_h), : min(width, in_w)]
+        if in_w > width or in_h > height:
+            x = F.pad(x, (0, in_w - width, 0, in_h - height), mode="replicate")
+        return x
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H', W') prepared images -> (B, D, H'/stride, W'/stride) float32 grids."""
@@ -183,7 +202,13 @@ def load_teacher(name: str, *, weights: Path | None = None, device: str = "cpu")
     """Build teacher `name` and load its weights (see `resolve_weights`). Checkpoints are read with
     `weights_only=True`: a weights file can never run code."""
     path = resolve_weights(name, weights)
-    network = build_network(name)
+    spec = _spec(name)
+    # DINOv2 is built on the meta device and takes the checkpoint's tensors (assign=True): random
+    # initialisation of ViT-L's 300 M weights, thrown away at once, cost 1.4 s of start-up. The
+    # EfficientNet wrapper runs a probe forward in its constructor, so it is built for real (small).
+    meta = spec.family == "dinov2"
+    with torch.device("meta" if meta else "cpu"):
+        network = build_network(name)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # training checkpoints wrap the weights
@@ -191,7 +216,7 @@ def load_teacher(name: str, *, weights: Path | None = None, device: str = "cpu")
         if isinstance(network, EfficientNetLiteFeatures):
             network.load_official(state)
         else:
-            network.load_state_dict(state)
+            network.load_state_dict(state, assign=meta)
     except RuntimeError as e:
         first_line = str(e).splitlines()[0]
         raise ValueError(f"{path}: not a {name} checkpoint ({first_line})") from e

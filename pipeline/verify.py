@@ -4,8 +4,10 @@ For every complete scene: each array is present with its dtype and a shape that 
 others and with the scene's attributes; every chunk exists (zarr would silently read a deleted
 chunk as zeros) and passes its crc32c checksum; `seen_index` holds distinct in-range point
 indices; coordinates and features are finite; each feature, a mean of unit vectors, has norm
-≤ 1; view counts are ≥ 1; labels lie in the class list. With `recompute`, K random scenes are
-extracted again from the dataset and compared point by point (cosine ≥ 0.99).
+≤ 1; view counts are ≥ 1; labels lie in the class list. A pca-int8 store's `pca_basis` must be
+present, intact, orthonormal and the one its provenance's sha256 names. With `recompute`, K random
+scenes are extracted again from the dataset and compared point by point, each codec at its own
+precision (`MIN_COSINE`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from .cache import ARRAY_NAMES, CacheError, FeatureCache
 DTYPES = {"coord": "float32", "color": "uint8", "normal": "float16", "label": "int16", "seen_index": "int32",
           "feature": "float16", "view_count": "uint16"}
 NORM_TOLERANCE = 1e-2  # float16 rounding of a mean of unit vectors
-MIN_COSINE = {"fp16": 0.99, "int8": 0.97}
+MIN_COSINE = {"fp16": 0.99, "int8": 0.97, "pca-int8": 0.97}
 """Lowest per-point cosine of a stored feature to a fresh extraction, by codec (int8 quantises each
-component to 1/254; a mean of disagreeing views is shorter, so its direction loses more)."""
+component to 1/254; a mean of disagreeing views is shorter, so its direction loses more). pca-int8:
+the decoded B c may fall short of what the basis allows, cos(B B^T f, f), by at most 1 - 0.97
+(its coefficients are int8 like int8's components); the basis's own loss is reported, not judged."""
 
 
 @dataclass
@@ -42,6 +46,8 @@ def norm_tolerance(provenance: dict) -> float:
     case of D components each rounded by up to half a step of 1/127."""
     if provenance.get("feature_codec", "fp16") == "int8":
         return float(np.sqrt(provenance["feature_dim"]) * 0.5 / 127)
+    if provenance.get("feature_codec") == "pca-int8":  # |c| = |B^T f| <= |f|, then int8 rounding
+        return float(np.sqrt(provenance["pca_dims"]) * 0.5 / 127)
     return NORM_TOLERANCE
 
 
@@ -74,7 +80,7 @@ def check_scene(cache: FeatureCache, scene_id: str) -> SceneCheck:
     for name, shape in shapes.items():
         if arrays[name].shape != shape:
             result.problems.append(f"array {name} has shape {arrays[name].shape}, expected {shape}")
-    feature_dim = cache.provenance.get("feature_dim")
+    feature_dim = cache.provenance.get("pca_dims") or cache.provenance.get("feature_dim")  # pca-int8: K coefficients
     if arrays["feature"].shape != (m, feature_dim):
         result.problems.append(f"array feature has shape {arrays['feature'].shape}, expected {(m, feature_dim)}")
     if result.problems:
@@ -109,11 +115,13 @@ def recompare(cache: FeatureCache, scene_id: str, *, root: Path, weights: Path |
     from . import cache as cache_module
 
     stored = cache.provenance
+    codec = stored.get("feature_codec", "fp16")
     config = PrepConfig(dataset=stored["dataset"], root=Path(root), teacher=stored["teacher"], weights=weights,
                         image_scale=stored["image_scale"], max_views=stored.get("max_views"),
                         projection=ProjectionConfig(**stored["projection"]), seed=stored.get("seed", 0),
                         reader_options=stored.get("reader_options") or {},
-                        feature_codec=stored.get("feature_codec", "fp16"))
+                        # pca-int8 is compared against fresh fp16 features (the scratch store has no basis)
+                        feature_codec="fp16" if codec == "pca-int8" else codec)
     result = SceneCheck(scene_id)
     weights_path = resolve_weights(config.teacher, weights)
     if file_sha256(weights_path) != stored["weights_sha256"]:
@@ -133,15 +141,27 @@ def recompare(cache: FeatureCache, scene_id: str, *, root: Path, weights: Path |
     if not np.array_equal(np.sort(stored_scene.seen_index), np.sort(fresh.seen_index)):
         result.problems.append("re-extraction sees other points")
         return result
-    a = stored_scene.feature[np.argsort(stored_scene.seen_index)].astype(np.float32)
+    a = cache.decode(stored_scene.feature[np.argsort(stored_scene.seen_index)])
     b = fresh.feature[np.argsort(fresh.seen_index)].astype(np.float32)
-    denominator = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cosine = (a * b).sum(1) / np.maximum(denominator, 1e-12)
+    cosine = _cosine(a, b)
     result.min_cosine = float(cosine.min()) if len(cosine) else 1.0
-    floor = MIN_COSINE[stored.get("feature_codec", "fp16")]
-    if result.min_cosine < floor:
+    floor = MIN_COSINE[codec]
+    if codec == "pca-int8" and len(cosine):
+        basis = cache.basis
+        allowed = _cosine(b @ basis @ basis.T, b)  # the best any coefficients in this basis can do
+        shortfall = allowed - cosine
+        if shortfall.max() > 1 - floor:
+            worst = int(shortfall.argmax())
+            result.problems.append(f"re-extracted features differ: a point's cosine {cosine[worst]:.3f} is "
+                                   f"{shortfall[worst]:.3f} below the {allowed[worst]:.3f} its basis allows "
+                                   f"(more than {1 - floor:.2f})")
+    elif result.min_cosine < floor:
         result.problems.append(f"re-extracted features differ: lowest cosine {result.min_cosine:.3f} < {floor}")
     return result
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
 def verify_store(path: Path, *, recompute: int = 0, root: Path | None = None, weights: Path | None = None,
@@ -150,6 +170,7 @@ def verify_store(path: Path, *, recompute: int = 0, root: Path | None = None, we
     import tempfile
 
     cache = FeatureCache(path)
+    cache.basis  # a pca-int8 store's basis: missing, damaged or not the recorded one is a CacheError
     checks = []
     for scene_id in cache.scene_ids():
         checks.append(check_scene(cache, scene_id))

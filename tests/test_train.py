@@ -82,7 +82,7 @@ def test_overfitting_one_scene_reaches_0_9_miou(synth_cache):
     model = build_model(model_config("small", kd_dim=472, num_classes=20, bn_momentum=0.1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.005)
     config = TrainConfig(data=data)
-    for _ in range(70):
+    for _ in range(120):
         model.train()
         loss, _, _ = batch_losses(model, batch, config)
         optimizer.zero_grad()

@@ -13,13 +13,19 @@ Algorithm 1 runs the TTT steps of each rotation before its prediction. We restar
 from the source weights (Algorithm 1 does not say), which makes "mIoU after s steps" well defined.
 
 Written like tent's tent.py: `configure`, `collect_params`, `check`, one `step`, `reset`.
+
+Speed (the method is unchanged): the sparse index pairs are built once per rotation, on its first
+forward, and reused by every step and prediction of that rotation (`IndexPairs`); the step loop
+reads nothing back from the GPU (losses stay tensors until the rotation ends; targets for all its
+steps are drawn up front and moved in one copy); optionally (`cuda_graph`), from the third step on
+a rotation the step replays a CUDA graph of itself (`fast_ttt.CapturedStep`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,8 +35,9 @@ from tttkd.pipeline.cache import FeatureCache
 
 from .augment import PointSet, rotation_z
 from .data import DataConfig, input_features, voxelize
+from .fast_ttt import CapturedStep, capturable
 from .loss import kd_loss
-from .model import TTTKDNet, batch_norms, convs_without_gradients, freeze_batch_norm, sparse_input
+from .model import IndexPairs, TTTKDNet, batch_norms, convs_without_gradients, freeze_batch_norm, sparse_input
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,14 @@ class AdaptConfig:
     """Control: pair each sampled point with another point's teacher feature. Must not help; if it
     does, the gain comes from the optimisation itself, not from the 2D teacher."""
     seed: int = 0
+    reuse_pairs: bool = True
+    """Build the sparse index pairs once per rotation (False: rebuild them every forward, the
+    reference path; the results are the same)."""
+    cuda_graph: bool = False
+    """On CUDA, replay a captured graph of the step from the third step on a rotation (needs
+    reuse_pairs; same results as the eager step). Off by default: spconv 2.3.8's GEMM wrappers
+    allocate scratch memory with cudaMalloc inside the step (24 cudaMalloc/cudaFree per step,
+    measured on an H200), which a capture refuses; the attempt then warns and the step runs eagerly."""
 
 
 @dataclass
@@ -75,6 +90,7 @@ class RotatedScene:
 
     voxels: object                 # spconv.SparseConvTensor
     point_to_voxel: torch.Tensor   # (N,) int64
+    pairs: IndexPairs = field(default_factory=IndexPairs)  # recorded by the first forward over `voxels`
 
 
 def rotated(scene: TargetScene, angle: float, data_config: DataConfig, device) -> RotatedScene:
@@ -131,41 +147,84 @@ def check(model: TTTKDNet) -> None:
 class TTTKD:
     """Test-time training on the KD loss. `adapt` takes `steps` SGD steps on one rotated scene."""
 
-    def __init__(self, model: TTTKDNet, config: AdaptConfig):
+    def __init__(self, model: TTTKDNet, config: AdaptConfig, basis: torch.Tensor | None = None):
         self.model = configure(model)
+        self.basis = basis  # a pca-int8 target cache's (D, K) basis: targets are its coefficients (loss.py)
         check(self.model)
         self.config = config
         self.source_state = copy.deepcopy(model.state_dict())
-        self.optimizer = torch.optim.SGD(collect_params(model), lr=config.lr, momentum=0.0)
+        params = collect_params(model)
+        # foreach: one multi-tensor kernel for the 177 backbone tensors instead of one launch each
+        self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.0, foreach=params[0].is_cuda)
         self.updates = 0
+        self.graph = None  # fast_ttt.CapturedStep of the current rotated scene
+        self._eager_steps = (None, 0)  # (rotated scene, eager steps taken on it)
 
     def reset(self) -> None:
         """Back to the source weights (SGD without momentum keeps no state to reset)."""
         self.model.load_state_dict(self.source_state)
 
-    def step(self, rotated_scene: RotatedScene, kd_voxel: torch.Tensor, kd_target: torch.Tensor) -> float:
+    def features(self, rotated_scene: RotatedScene) -> torch.Tensor:
+        """(V, 96) backbone features; the index pairs come from the rotation's first forward."""
+        if not self.config.reuse_pairs:
+            return self.model.forward_features(rotated_scene.voxels)
+        return rotated_scene.pairs.features(self.model.backbone, rotated_scene.voxels)
+
+    def eager_step(self, rotated_scene: RotatedScene, kd_voxel: torch.Tensor, kd_target: torch.Tensor) -> torch.Tensor:
         # ensure grads even when the caller runs under torch.no_grad()
         with torch.enable_grad():
-            features = self.model.forward_features(rotated_scene.voxels)
-            loss = kd_loss(self.model.kd_head(features[kd_voxel]), kd_target)
+            features = self.features(rotated_scene)
+            loss = kd_loss(self.model.kd_head(features[kd_voxel]), kd_target, self.basis)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-        self.updates += 1
         return loss.detach()
 
-    def sample_targets(self, scene: TargetScene, rotated_scene: RotatedScene, rng: np.random.Generator):
+    def step(self, rotated_scene: RotatedScene, kd_voxel: torch.Tensor, kd_target: torch.Tensor) -> torch.Tensor:
+        """One SGD step on the KD loss -> the loss, a 0-d tensor on the device (reading it waits
+        for the GPU: read the losses once, after the loop)."""
+        if self.graph is not None and self.graph.fits(rotated_scene, kd_voxel, kd_target):
+            loss = self.graph(kd_voxel, kd_target)
+        else:
+            scene, taken = self._eager_steps
+            taken = taken + 1 if scene is rotated_scene else 1
+            self._eager_steps = (rotated_scene, taken)
+            if taken == 2 and self.config.cuda_graph and self.config.reuse_pairs and capturable(kd_target):
+                # the first step recorded the pairs; this one runs the exact code the graph will hold
+                self.graph = CapturedStep(self.eager_step, rotated_scene, kd_voxel, kd_target)
+                loss = self.graph.warmup_loss
+            else:
+                loss = self.eager_step(rotated_scene, kd_voxel, kd_target)
+        self.updates += 1
+        return loss
+
+    def _draw_rows(self, scene: TargetScene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """-> (feature rows whose points are trained, feature rows used as their targets)."""
         rows = rng.choice(len(scene.seen_index), size=min(self.config.kd_points, len(scene.seen_index)), replace=False)
-        point = torch.from_numpy(scene.seen_index[rows]).to(scene.feature.device)
-        if self.config.shuffle_targets:
-            rows = rng.permutation(rows)
-        return rotated_scene.point_to_voxel[point], scene.feature[torch.from_numpy(rows).to(scene.feature.device)]
+        return rows, (rng.permutation(rows) if self.config.shuffle_targets else rows)
+
+    def sample_targets(self, scene: TargetScene, rotated_scene: RotatedScene, rng: np.random.Generator):
+        """-> (KD voxels (K,), their teacher targets (K, D)) for one step."""
+        points, targets = self.plan_targets(scene, rotated_scene, rng, steps=1)
+        return points[0], scene.feature[targets[0]]
+
+    def plan_targets(self, scene: TargetScene, rotated_scene: RotatedScene, rng: np.random.Generator, *, steps: int):
+        """The KD voxels (S, K) and target rows (S, K) of `steps` steps, drawn in the order
+        `sample_targets` draws them and moved to the device in one copy: a copy from host memory
+        waits for the GPU, so one per step would stall the step loop."""
+        drawn = []
+        for _ in range(steps):
+            trained, targets = self._draw_rows(scene, rng)
+            drawn.append(np.stack([scene.seen_index[trained], targets]))
+        drawn = torch.from_numpy(np.stack(drawn) if drawn else np.zeros((0, 2, 0), np.int64))
+        drawn = drawn.to(scene.feature.device)  # (S, 2, K): point index, target row
+        return rotated_scene.point_to_voxel[drawn[:, 0]], drawn[:, 1]
 
     @torch.no_grad()
     def predict(self, rotated_scene: RotatedScene) -> torch.Tensor:
         """(N, C) logits of every point, BN on running statistics (the convs stay in training
         mode: the same function, and no mode switch to undo before the next step)."""
-        logits = self.model.seg_head(self.model.forward_features(rotated_scene.voxels)).float()
+        logits = self.model.seg_head(self.features(rotated_scene)).float()
         return logits[rotated_scene.point_to_voxel]
 
 
@@ -184,17 +243,20 @@ def ttt_kd_offline(adapter: TTTKD, scene: TargetScene, data_config: DataConfig, 
     """
     config = adapter.config
     totals = {s: 0.0 for s in record_steps}
+    steps = max(record_steps)
     for k, angle in enumerate(rotation_angles(config.rotations)):
         adapter.reset()
         rotated_scene = rotated(scene, angle, data_config, scene.feature.device)
-        rng = scene_rng(config, scene.scene_id, k)
-        for step in range(max(record_steps) + 1):
+        kd_voxels, target_rows = adapter.plan_targets(scene, rotated_scene, scene_rng(config, scene.scene_id, k),
+                                                      steps=steps)
+        losses = []
+        for step in range(steps + 1):
             if step in totals:
                 totals[step] = totals[step] + adapter.predict(rotated_scene)
-            if step == max(record_steps):
+            if step == steps:
                 break
-            loss = adapter.step(rotated_scene, *adapter.sample_targets(scene, rotated_scene, rng))
-            if kd_losses is not None and k == 0:
-                kd_losses.append(float(loss))
+            losses.append(adapter.step(rotated_scene, kd_voxels[step], scene.feature[target_rows[step]]))
+        if kd_losses is not None and k == 0 and losses:
+            kd_losses.extend(torch.stack(losses).tolist())  # the one read-back of the rotation
     adapter.reset()
     return totals

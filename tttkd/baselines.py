@@ -179,3 +179,173 @@ class AdaContrast:
 
     def predict(self, rotated_scene: RotatedScene) -> torch.Tensor:
         return _logits(self.model, rotated_scene)
+
+
+# ---- multi-modal baselines (paper §4.2, Table 2): xMUDA and MM-TTA --------------------------------
+#
+# Both adapt a 2D and a 3D branch jointly on the target scene. The 2D branch is `head2d.Head2D` on
+# the cached teacher features (our substitute for their 2D U-Net: see head2d.py); each row reports
+# the 3D branch's predictions, as the TTT-KD paper compares "the 3D backbone" of each. Only points
+# the image sees have a 2D prediction, so the losses run over those (outdoors: every point).
+# Both update only batch-norm affine parameters, of both branches, with Adam (lr 1e-3), one step per
+# scene (online, one pass over the target stream), as MM-TTA's comparison does (Shin et al. 2022 §4:
+# BN affine parameters only, results after one epoch of adaptation); lr 1e-3 is TENT's here and the
+# 3D network's rate in the public MM-TTA reimplementation of Latte (Cao et al. 2024,
+# `configs/a2d2_semantic_kitti/mmtta.yaml`).
+
+
+def _features_2d(scene: TargetScene, basis: torch.Tensor | None) -> torch.Tensor:
+    """(M, D) cached teacher features of the seen points (a pca-int8 cache's coefficients decoded)."""
+    return scene.feature if basis is None else scene.feature @ basis.T
+
+
+def _seen_logits(model: TTTKDNet, rotated_scene: RotatedScene, scene: TargetScene) -> torch.Tensor:
+    """(M, C) 3D logits of the seen points, in `scene.seen_index` order (the 2D branch's order)."""
+    logits = model.seg_head(model.forward_features(rotated_scene.voxels)).float()
+    seen = torch.from_numpy(scene.seen_index).to(logits.device)
+    return logits[rotated_scene.point_to_voxel[seen]]
+
+
+def _scene_statistics(*modules: torch.nn.Module) -> list:
+    """TENT's set-up of each module: BN normalises with the scene's statistics, keeps none, and only
+    its affine parameters train. -> those parameters."""
+    params = []
+    for module in modules:
+        module.train()
+        module.requires_grad_(False)
+        for bn in batch_norms(module):
+            bn.requires_grad_(True)
+            bn.track_running_stats = False
+            bn.running_mean, bn.running_var = None, None
+            params += list(bn.parameters())
+    return params
+
+
+def cross_modal_kl(logits_3d: torch.Tensor, logits_2d: torch.Tensor) -> torch.Tensor:
+    """xMUDA's cross-modal loss both ways: KL(P2D || P3D) trains the 3D branch towards the 2D
+    prediction, KL(P3D || P2D) the 2D branch towards the 3D one; the target side is detached in
+    each (Jaritz et al. 2020, eq. 3: L_xM = D_KL(P || Q) with P the other modality's detached
+    prediction). xMUDA's second ("mimicry") heads are not kept: the 3D model has one seg_head, so
+    each branch's own prediction mimics the other's. Mean over points of the sum over classes."""
+    log_p3d, log_p2d = logits_3d.float().log_softmax(1), logits_2d.float().log_softmax(1)
+    to_3d = F.kl_div(log_p3d, log_p2d.detach(), log_target=True, reduction="none").sum(1)
+    to_2d = F.kl_div(log_p2d, log_p3d.detach(), log_target=True, reduction="none").sum(1)
+    return (to_3d + to_2d).mean()
+
+
+class XMuda:
+    """xMUDA at test time, as MM-TTA's comparison runs it ("self-learning with consistency"): the
+    cross-modal KL between the 3D and 2D predictions on the target scene (`cross_modal_kl`), BN with
+    the scene's statistics (TENT's set-up), BN affine parameters of both branches trained; no source
+    data, so no segmentation loss beside it (xMUDA's UDA trains on labelled source batches too)."""
+
+    def __init__(self, model: TTTKDNet, head, *, lr: float = 1e-3, basis: torch.Tensor | None = None):
+        self.model, self.head, self.basis = model, head, basis
+        self.params = _scene_statistics(model, head)
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
+        self.updates = 0
+
+    def adapt(self, scene: TargetScene, rotated_scene: RotatedScene, data_config: DataConfig) -> None:
+        if len(scene.seen_index) < 2:  # no 2D prediction (BN needs two points): nothing to compare
+            return
+        with torch.enable_grad():
+            loss = cross_modal_kl(_seen_logits(self.model, rotated_scene, scene),
+                                  self.head(_features_2d(scene, self.basis)))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self.updates += 1
+
+    def predict(self, rotated_scene: RotatedScene) -> torch.Tensor:
+        return _logits(self.model, rotated_scene)
+
+
+def consistency(slow_logits: torch.Tensor, fast_logits: torch.Tensor) -> torch.Tensor:
+    """MM-TTA's per-point consistency of a modality's slow and fast predictions: the inverse of
+    their KL divergence (Shin et al. 2022, Inter-PR), symmetrised as the mean of the inverses of
+    both directions (the Latte reimplementation's form). Identical predictions: 1e6 (KL floored)."""
+    log_slow, log_fast = slow_logits.float().log_softmax(1), fast_logits.float().log_softmax(1)
+    slow_to_fast = F.kl_div(log_fast, log_slow, log_target=True, reduction="none").sum(1)  # KL(slow || fast)
+    fast_to_slow = F.kl_div(log_slow, log_fast, log_target=True, reduction="none").sum(1)
+    return 0.5 * (1 / slow_to_fast.clamp_min(1e-6) + 1 / fast_to_slow.clamp_min(1e-6))
+
+
+@torch.no_grad()
+def refine_pseudo_labels(slow_2d: torch.Tensor, fast_2d: torch.Tensor, slow_3d: torch.Tensor, fast_3d: torch.Tensor,
+                         *, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MM-TTA's pseudo labels from (M, C) logits of the slow and fast models of each modality.
+
+    Intra-PG: each modality's prediction aggregates its two models, the mean of their logits.
+    Inter-PR, hard selection: per point, the modality whose slow and fast predictions are more
+    consistent (`consistency`) gives the label; a point whose larger consistency is below
+    `threshold` gets none (-1). -> ((M,) labels, (M,) bool: True where the 2D branch was chosen)."""
+    zeta_2d, zeta_3d = consistency(slow_2d, fast_2d), consistency(slow_3d, fast_3d)
+    use_2d = zeta_2d > zeta_3d
+    label = torch.where(use_2d, (slow_2d + fast_2d).argmax(1), (slow_3d + fast_3d).argmax(1))
+    label[torch.maximum(zeta_2d, zeta_3d) < threshold] = -1
+    return label, use_2d
+
+
+class MMTTA:
+    """MM-TTA (Shin et al., CVPR 2022) with hard Inter-PR, per scene:
+
+      Intra-PG: per modality a fast model (the adapting one: BN normalises with the scene's
+          statistics, its affine parameters train) and a slow model that follows it by momentum;
+          after each step slow = lam * slow + (1 - lam) * fast over every BN affine parameter and
+          running statistic (the fast model's running statistics are the last scene's: momentum 1).
+          The slow model, BN on its running statistics, predicts (the paper infers with it);
+      Inter-PR: `refine_pseudo_labels` (hard selection, consistency threshold);
+      loss: cross-entropy of both fast branches against the refined labels.
+
+    Sources: lam = 0.99 and threshold = 0.3 are the values of the public reimplementation in Latte
+    (Cao et al. 2024, `latte/tta/tools/mmtta.py`; MM-TTA's own code was not released); Adam lr 1e-3
+    and one step per scene as for xMUDA above. The paper's own values could not be checked offline.
+    """
+
+    def __init__(self, model: TTTKDNet, head, *, lr: float = 1e-3, momentum: float = 0.99, threshold: float = 0.3,
+                 basis: torch.Tensor | None = None):
+        self.slow_model = freeze_batch_norm(copy.deepcopy(model)).requires_grad_(False)
+        self.slow_head = copy.deepcopy(head).eval().requires_grad_(False)
+        self.model, self.head, self.basis = model, head, basis
+        self.momentum, self.threshold = momentum, threshold
+        model.train(), head.train()
+        model.requires_grad_(False), head.requires_grad_(False)
+        self.params = []
+        for bn in batch_norms(model) + batch_norms(head):
+            bn.momentum = 1.0  # running statistics := the scene's batch statistics, for the slow model's update
+            bn.requires_grad_(True)
+            self.params += list(bn.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
+        self.updates = 0
+
+    def adapt(self, scene: TargetScene, rotated_scene: RotatedScene, data_config: DataConfig) -> None:
+        if len(scene.seen_index) < 2:  # no 2D prediction (BN needs two points): no pseudo labels
+            return
+        feature = _features_2d(scene, self.basis)
+        with torch.no_grad():
+            slow_3d = _seen_logits(self.slow_model, rotated_scene, scene)
+            slow_2d = self.slow_head(feature).float()
+        with torch.enable_grad():
+            fast_3d = _seen_logits(self.model, rotated_scene, scene)
+            fast_2d = self.head(feature).float()
+            label, _ = refine_pseudo_labels(slow_2d, fast_2d.detach(), slow_3d, fast_3d.detach(),
+                                            threshold=self.threshold)
+            if (label >= 0).any():  # cross-entropy over no label is NaN
+                loss = F.cross_entropy(fast_3d, label, ignore_index=-1) + F.cross_entropy(fast_2d, label, ignore_index=-1)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        self._follow()
+        self.updates += 1
+
+    @torch.no_grad()
+    def _follow(self) -> None:
+        """slow = lam * slow + (1 - lam) * fast, for every BN's affine parameters and statistics."""
+        pairs = list(zip(batch_norms(self.slow_model), batch_norms(self.model))) + \
+            list(zip(batch_norms(self.slow_head), batch_norms(self.head)))
+        for slow, fast in pairs:
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(slow, name).mul_(self.momentum).add_(getattr(fast, name).detach(), alpha=1 - self.momentum)
+
+    def predict(self, rotated_scene: RotatedScene) -> torch.Tensor:
+        return _logits(self.slow_model, rotated_scene)

@@ -5,6 +5,13 @@ Per training sample: read a scene's points from the cache, augment (augment.py),
 a second scene (Mix3D), voxelise at `voxel_size_m` keeping one random point per voxel, then pick
 `kd_points` voxels whose point has a cached teacher feature and read just those feature rows.
 At evaluation every original point takes the prediction of its voxel (`EvalScene.point_to_voxel`).
+
+The input path is built so that training does not wait for it: each loader worker keeps the
+scenes it decoded in memory while they fit in `memory_mb` (a training split of a few hundred
+scenes is read from disk once per worker), elastic distortion is vectorised, and KD targets travel
+to the GPU as the cache's float16 (half the bytes through shared and pinned memory). The
+reference path (`reference=True`: no memory, the original elastic loop, float32 targets) gives the
+same samples and is what `tttkd bench train` compares against.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ class Batch:
     features: torch.Tensor     # (V, F) float32 network input
     label: torch.Tensor        # (V,) int64, -1 = ignore
     kd_voxel: torch.Tensor     # (K,) int64 voxels with a KD target
-    kd_target: torch.Tensor    # (K, D) float32 cached mean of L2-normalised teacher features
+    kd_target: torch.Tensor    # (K, D) float16 (float32 on the reference path) cached mean of L2-normalised
+                               # teacher features; the loss computes in float32
     num_scenes: int
 
     def to(self, device) -> Batch:
@@ -86,16 +94,26 @@ def input_features(points: PointSet, kind: str) -> np.ndarray:
 
 class CacheDataset(torch.utils.data.Dataset):
     """Training samples from a feature cache, indexed by (epoch, index) (see EpochSampler); a
-    sample is a function of (seed, epoch, index) only."""
+    sample is a function of (seed, epoch, index) only.
 
-    def __init__(self, cache_path: Path, scene_ids: list[str], config: DataConfig, *, train: bool, seed: int = 0):
+    `memory_mb`: each process (loader worker) keeps the scenes it has read, points and whole
+    feature array, until they would exceed this many MB; later scenes are read from disk every
+    time (points, plus a window of feature rows). `reference`: the original input path."""
+
+    def __init__(self, cache_path: Path, scene_ids: list[str], config: DataConfig, *, train: bool, seed: int = 0,
+                 memory_mb: float = 0, reference: bool = False):
         self.cache_path = Path(cache_path)
         self.scene_ids = list(scene_ids)
         self.config = config
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.memory_mb = 0 if reference else memory_mb
+        self.reference = reference
         self._cache = None  # opened lazily: one zarr handle per worker process
+        self._memory: dict[str, tuple[PointSet, np.ndarray]] = {}  # scene -> (points, whole feature array)
+        self._memory_bytes = 0
+        self._full = False  # the memory budget was reached: stop reading whole feature arrays
 
     @property
     def cache(self) -> FeatureCache:
@@ -106,27 +124,57 @@ class CacheDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.scene_ids)
 
+    def points(self, scene_id: str) -> PointSet:
+        if scene_id in self._memory:
+            return self._memory[scene_id][0]
+        if self.memory_mb > 0 and not self._full:
+            scene = self.cache.read(scene_id)
+            points = point_set(scene)
+            size = scene.feature.nbytes + sum(a.nbytes for a in vars(points).values())
+            if self._memory_bytes + size <= self.memory_mb * 2**20:
+                self._memory[scene_id] = (points, scene.feature)
+                self._memory_bytes += size
+            else:
+                self._full = True
+            return points
+        return point_set(self.cache.read_points(scene_id))
+
+    def num_seen(self, scene_id: str) -> int:
+        if scene_id in self._memory:
+            return len(self._memory[scene_id][1])
+        return self.cache.scene_attrs(scene_id)["num_seen"]
+
+    def feature_window(self, scene_id: str, start: int, length: int) -> np.ndarray:
+        """Rows start .. start + length of the scene's cached features, wrapping around the end."""
+        if scene_id not in self._memory:
+            return self.cache.read_feature_window(scene_id, start, length)
+        feature = self._memory[scene_id][1]
+        end = start + length
+        return feature[start:end] if end <= len(feature) else np.concatenate([feature[start:], feature[:end - len(feature)]])
+
     def __getitem__(self, item: tuple[int, int] | int) -> dict:
         epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         rng = np.random.default_rng([self.seed, epoch, index])
         aug = self.config.augment if self.train else NO_AUGMENTATION
         ids = [self.scene_ids[index]]
-        points = augment(point_set(self.cache.read_points(ids[0])), aug, rng)
+        points = augment(self.points(ids[0]), aug, rng, reference=self.reference)
         if self.train and len(self.scene_ids) > 1 and rng.random() < aug.mix3d_p:
             ids.append(self.scene_ids[(index + 1 + rng.integers(len(self.scene_ids) - 1)) % len(self.scene_ids)])
-            points = mix3d(points, augment(point_set(self.cache.read_points(ids[1])), aug, rng))
+            points = mix3d(points, augment(self.points(ids[1]), aug, rng, reference=self.reference))
         grid, representative, _ = voxelize(points.coord, self.config.voxel_size_m, rng if self.train else None)
         voxels = points.take(representative)
-        kd_voxel, kd_target = sample_kd_targets(self.cache, ids, voxels, self.config.kd_points, rng)
+        kd_voxel, kd_target = sample_kd_targets(self, ids, voxels, self.config.kd_points, rng)
+        if self.reference:
+            kd_target = kd_target.astype(np.float32)
         return {"grid_coord": grid, "features": input_features(voxels, self.config.input_features),
                 "label": voxels.label, "kd_voxel": kd_voxel, "kd_target": kd_target,
                 # where each KD target came from (scene of the pair, row of its cached features)
                 "kd_source": voxels.source[kd_voxel], "kd_row": voxels.seen_row[kd_voxel]}
 
 
-def sample_kd_targets(cache: FeatureCache, ids: list[str], voxels: PointSet, kd_points: int,
+def sample_kd_targets(dataset: CacheDataset, ids: list[str], voxels: PointSet, kd_points: int,
                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Up to `kd_points` voxels with cached features -> (sorted voxel indices (K,), targets (K, D)).
+    """Up to `kd_points` voxels with cached features -> (sorted voxel indices (K,), float16 targets (K, D)).
 
     The cache stores each scene's seen points in a random order, so a random window of rows is a
     uniform sample of them: read a window just large enough to hold ~1.5x the budget among this
@@ -140,17 +188,17 @@ def sample_kd_targets(cache: FeatureCache, ids: list[str], voxels: PointSet, kd_
         want = int(round(budget[source]))
         if want == 0:
             continue
-        rows = cache.scene_attrs(scene_id)["num_seen"]
+        rows = dataset.num_seen(scene_id)
         window = min(rows, int(np.ceil(1.5 * want * rows / len(mine))))
         start = int(rng.integers(rows))
         offset = (voxels.seen_row[mine] - start) % rows  # position of each candidate in the window
         inside = offset < window
         pick = rng.choice(np.flatnonzero(inside), size=min(want, int(inside.sum())), replace=False)
-        block = cache.read_feature_window(scene_id, start, window)
+        block = dataset.feature_window(scene_id, start, window)
         chosen.append(mine[pick])
-        targets.append(block[offset[pick]].astype(np.float32))
+        targets.append(block[offset[pick]])
     if not chosen:
-        return np.zeros(0, np.int64), np.zeros((0, cache.provenance["feature_dim"]), np.float32)
+        return np.zeros(0, np.int64), np.zeros((0, dataset.cache.provenance.get("pca_dims") or dataset.cache.provenance["feature_dim"]), np.float16)
     kd_voxel, kd_target = np.concatenate(chosen), np.concatenate(targets)
     order = np.argsort(kd_voxel)
     return kd_voxel[order], kd_target[order]
@@ -175,6 +223,30 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.size
 
 
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """One process's share of each global batch, for data-parallel training: global batch k holds
+    positions k·B .. (k+1)·B of the `EpochSampler`'s order, exactly the batch one process would
+    train on, split into `world_size` near-equal contiguous parts. A last batch with fewer scenes
+    than processes is dropped (every process must take part in every step)."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, *, rank: int, world_size: int):
+        if batch_size < world_size:
+            raise ValueError(f"a global batch of {batch_size} scenes cannot be split over {world_size} processes; "
+                             f"pass --batch-size {world_size} or more")
+        self.sampler, self.batch_size, self.rank, self.world_size = sampler, batch_size, rank, world_size
+
+    def __iter__(self):
+        items = list(self.sampler)
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start:start + self.batch_size]
+            if len(batch) >= self.world_size:
+                yield [batch[i] for i in np.array_split(np.arange(len(batch)), self.world_size)[self.rank]]
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return full + (rest >= self.world_size)
+
+
 def collate(samples: list[dict]) -> Batch:
     offsets = np.cumsum([0] + [len(s["grid_coord"]) for s in samples])
     cat = lambda key: torch.from_numpy(np.concatenate([s[key] for s in samples]))
@@ -190,13 +262,16 @@ def collate(samples: list[dict]) -> Batch:
     )
 
 
-def make_loader(dataset: CacheDataset, *, batch_size: int, shuffle: bool, workers: int, seed: int
-                ) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+def make_loader(dataset: CacheDataset, *, batch_size: int, shuffle: bool, workers: int, seed: int,
+                rank: int = 0, world_size: int = 1) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
     """A loader for all epochs (call `sampler.set_epoch` before each). Workers persist across
-    epochs (starting one costs seconds: torch, spconv, zarr) and prefetch 2 batches each."""
+    epochs (starting one costs seconds: torch, spconv, zarr) and prefetch 2 batches each. With
+    `world_size` > 1 it yields process `rank`'s part of each global batch of `batch_size` scenes."""
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed)
+    batching = (dict(batch_size=batch_size, sampler=sampler) if world_size == 1 else
+                dict(batch_sampler=ShardedBatchSampler(sampler, batch_size, rank=rank, world_size=world_size)))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        dataset, **batching, num_workers=workers, collate_fn=collate,
         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )

@@ -26,14 +26,16 @@ from tttkd.pipeline.cache import FeatureCache
 from tttkd.pipeline.manifests import shared_classes
 
 from .adapt import AdaptConfig, TTTKD, load_target_scene, rotated, rotation_angles, ttt_kd_offline
-from .baselines import AdaContrast, Dua, Tent
+from .baselines import MMTTA, AdaContrast, Dua, Tent, XMuda
 from .checkpoint import check_teacher, data_config_of, load_checkpoint, model_from_checkpoint
 from .evaluate import export_ply
 from .metrics import SharedLabels, iou_per_class, mean_iou
 
-METHODS = ("none", "tent", "dua", "adacontrast", "ttt-kd-o", "ttt-kd")
+METHODS = ("none", "tent", "dua", "adacontrast", "xmuda", "mm-tta", "ttt-kd-o", "ttt-kd")
+MULTIMODAL = ("xmuda", "mm-tta")  # need the 2D head (head2d.py) beside the checkpoint
 CONTROLS = ("ttt-kd-shuffled",)  # TTT-KD with each target paired to a wrong point: must not help
-ROWS = ("Oracle", "Source-Only", "Joint-Train", "TENT", "DUA", "AdaContrast", "TTT-KD-O", "TTT-KD")
+SCENE_INDEPENDENT = ("none", "ttt-kd", "ttt-kd-shuffled")  # no state carried from scene to scene: --gpus spreads them
+ROWS = ("Oracle", "Source-Only", "Joint-Train", "TENT", "DUA", "AdaContrast", "xMUDA", "MM-TTA", "TTT-KD-O", "TTT-KD")
 
 
 @dataclass
@@ -48,6 +50,9 @@ class MethodResult:
     seconds: float
     miou_by_step: dict[int, float] = field(default_factory=dict)
     kd_loss_by_step: list[float] = field(default_factory=list)
+    confusion_by_step: dict[int, list] = field(default_factory=dict)
+    """Step count -> the summed (C, C + 1) shared-class confusion over all scenes (`SharedLabels`):
+    results of several runs over disjoint scenes add up to one."""
 
 
 def record_steps_for(steps: int) -> list[int]:
@@ -103,12 +108,22 @@ def shared_labels(checkpoint: dict, provenance: dict, classes: list[str], *, cac
 
 def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, scene_ids: list[str], *,
                config: AdaptConfig, device, classes: list[str] | None = None, export_dir: Path | None = None,
-               progress=None) -> MethodResult:
+               progress=None, gpus: int = 1, head2d: Path | None = None) -> MethodResult:
     """One row: adapt with `method` on every scene and score on `classes` (target class names; default:
     those the checkpoint's dataset shares with the target). Pass the experiment's `scored_classes` so
-    every row of a table, the Oracle included, counts the same classes."""
+    every row of a table, the Oracle included, counts the same classes. xMUDA and MM-TTA read the 2D
+    head `head2d` (default: head2d.pt beside the checkpoint)."""
     if method not in METHODS + CONTROLS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if gpus > 1 and method in SCENE_INDEPENDENT and len(scene_ids) > 1:
+        # each scene starts from the source weights: spread the scenes over processes (one per GPU)
+        from .distributed import spread_scenes
+
+        result = spread_scenes(gpus, row, method, checkpoint_path, cache_path, scene_ids, device=device, config=config,
+                               classes=classes, export_dir=export_dir)
+        for scene_id in scene_ids if progress is not None else ():
+            progress(scene_id)
+        return result
     if method == "ttt-kd-shuffled":
         method, config = "ttt-kd", replace(config, shuffle_targets=True)
     start = time.perf_counter()
@@ -126,9 +141,16 @@ def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, s
     steps = record_steps_for(config.steps) if method == "ttt-kd" else [0]
     confusion = {s: 0 for s in steps}
     per_scene, kd_losses = {}, []
-    adapter = {"none": None, "ttt-kd": TTTKD, "ttt-kd-o": TTTKD, "tent": Tent, "dua": Dua, "adacontrast": AdaContrast}[method]
+    adapter = {"none": None, "ttt-kd": TTTKD, "ttt-kd-o": TTTKD, "tent": Tent, "dua": Dua, "adacontrast": AdaContrast,
+               "xmuda": XMuda, "mm-tta": MMTTA}[method]
     if adapter is TTTKD:
-        adapter = TTTKD(model, config)
+        adapter = TTTKD(model, config, basis=None if cache.basis is None else torch.from_numpy(cache.basis).to(device))
+    elif adapter in (XMuda, MMTTA):
+        from .head2d import head2d_path, load_head2d
+
+        head = load_head2d(head2d or head2d_path(checkpoint_path), class_names=source_names,
+                           target_provenance=provenance, cache_path=cache_path, device=device)
+        adapter = adapter(model, head, basis=None if cache.basis is None else torch.from_numpy(cache.basis).to(device))
     elif adapter is not None:
         adapter = adapter(model)
     for index, scene_id in enumerate(scene_ids):
@@ -141,7 +163,7 @@ def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, s
             if method == "ttt-kd-o" and index % config.stride == 0:
                 rng = np.random.default_rng([config.seed, index])
                 adapter.step(first, *adapter.sample_targets(scene, first, rng))
-            elif method in ("tent", "dua", "adacontrast"):
+            elif method in ("tent", "dua", "adacontrast", *MULTIMODAL):
                 adapter.adapt(scene, first, data_config)
             predict = adapter.predict if adapter is not None else _plain_predictor(model)
             total = predict(first)
@@ -165,7 +187,7 @@ def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, s
         iou={n: float(v) for n, v in zip(labels.names, iou_per_class(final))}, per_scene_miou=per_scene,
         updates=getattr(adapter, "updates", 0), seconds=time.perf_counter() - start,
         miou_by_step={s: mean_iou(c) for s, c in confusion.items()} if method == "ttt-kd" else {},
-        kd_loss_by_step=kd_losses)
+        kd_loss_by_step=kd_losses, confusion_by_step={s: np.asarray(c).tolist() for s, c in confusion.items()})
 
 
 def _plain_predictor(model):
@@ -181,11 +203,13 @@ def _plain_predictor(model):
 
 
 def plan_rows(*, joint: Path | None, source_only: Path | None, oracle: Path | None,
-              methods: list[str]) -> list[tuple[str, str, Path]]:
-    """(row, method, checkpoint) of every row the given checkpoints allow, in the paper's order."""
+              methods: list[str], head2d: bool = False) -> list[tuple[str, str, Path]]:
+    """(row, method, checkpoint) of every row the given checkpoints allow, in the paper's order;
+    xMUDA and MM-TTA only with a 2D head (`head2d`)."""
     tta_base = source_only or joint
     plan = [("Oracle", "none", oracle), ("Source-Only", "none", source_only), ("Joint-Train", "none", joint),
             ("TENT", "tent", tta_base), ("DUA", "dua", tta_base), ("AdaContrast", "adacontrast", tta_base),
+            ("xMUDA", "xmuda", tta_base if head2d else None), ("MM-TTA", "mm-tta", tta_base if head2d else None),
             ("TTT-KD-O", "ttt-kd-o", joint), ("TTT-KD", "ttt-kd", joint)]
     return [(row, method, ckpt) for row, method, ckpt in plan if ckpt is not None and
             (method in methods or (method == "none" and "none" in methods))]

@@ -53,6 +53,9 @@ class ModelConfig:
     """ρ2D: Linear(96, 512) -> BN -> ReLU -> Linear(512, D)."""
     bn_momentum: float = 0.01
     """Running-statistics momentum of the backbone's BatchNorm (Pointcept's SpUNet: 0.01)."""
+    backbone: str = "minkunet"
+    """Which ψ3D: "minkunet" (the layout above) or "scn_unet" (xMUDA's SparseConvNet U-Net, `scn_unet.py`:
+    `channels` per level, `layers` blocks per level on each side; `stem_channels` unused)."""
 
 
 def conv_algo(device: torch.device | str):
@@ -133,17 +136,89 @@ class Backbone(nn.Module):
         self.out_channels = channels[-1]
 
     def forward(self, x):
+        return self.forward_sparse(x).features  # (V, 96), in the input's voxel order
+
+    def forward_sparse(self, x):
+        """-> the last layer's SparseConvTensor, whose `indice_dict` holds every conv's index pairs
+        for these voxels. Given back with the input (`with_pairs`), they are reused, not rebuilt."""
         x = self.conv_input(x)
         skips = [x]
         for down, enc in zip(self.down, self.enc):
-            x = enc(down(x))
+            x = enc(_downsample(down, x))
             skips.append(x)
         x = skips.pop()
         for s in reversed(range(len(self.up))):
             x = self.up[s](x)
             x = x.replace_feature(torch.cat([x.features, skips.pop().features], dim=1))
             x = self.dec[s](x)
-        return x.features  # (V, 96), in the input's voxel order
+        return x
+
+
+def _downsample(down, x):
+    """down = (stride-2 conv, BN, ReLU). spconv reuses recorded pairs for submanifold and inverse
+    convs only (a strided conv asserts "only support reuse subm indices" when its indice_key is
+    already in the tensor), so with recorded pairs the strided conv runs through `_strided_conv`."""
+    conv = down[0]
+    pairs = x.indice_dict.get(conv.indice_key)
+    if pairs is None:
+        return down(x)
+    x = _strided_conv(conv, x, pairs)
+    for module in list(down)[1:]:
+        x = x.replace_feature(module(x.features))
+    return x
+
+
+def _strided_conv(conv, x, pairs):
+    """What spconv's SparseConvolution.forward computes for a bias-free strided conv once it has
+    the index pairs: the same autograd function on the recorded pairs (spconv 2.3's API)."""
+    from spconv.pytorch import functional as Fsp
+    from spconv.pytorch.core import ImplicitGemmIndiceData
+
+    assert conv.bias is None and not conv.subm and not conv.inverse and not pairs.is_subm
+    assert pairs.indices.shape == x.indices.shape and list(pairs.spatial_shape) == list(x.spatial_shape), \
+        f"recorded pairs of {conv.indice_key} belong to other voxels"
+    features, out_voxels = x.features.contiguous(), pairs.out_indices.shape[0]
+    if isinstance(pairs, ImplicitGemmIndiceData):
+        out = Fsp.implicit_gemm(features, conv.weight, pairs.pair_fwd, pairs.pair_bwd, pairs.pair_mask_fwd_splits,
+                                pairs.pair_mask_bwd_splits, pairs.mask_argsort_fwd_splits,
+                                pairs.mask_argsort_bwd_splits, out_voxels, pairs.masks, conv.training, False,
+                                x._timer, conv.fp32_accum)
+    else:  # Native (CPU)
+        out = Fsp.indice_conv(features, conv.weight, pairs.indice_pairs, pairs.indice_pair_num, out_voxels,
+                              conv.algo, x._timer)
+    y = x.replace_feature(out)
+    y.indices, y.spatial_shape = pairs.out_indices, list(pairs.out_spatial_shape)
+    return y
+
+
+class IndexPairs:
+    """spconv's index pairs of every backbone conv for one set of voxels, recorded by the first
+    forward over them and reused by the next.
+
+    The voxels of a rotated scene do not change across its TTT steps, so building the pairs (hash
+    tables, sorts and host syncs in every layer) once per rotation instead of once per step
+    leaves the same function at a fraction of the host work. The record belongs to the voxels'
+    `indices` tensor: other voxels (another rotation or scene) are recorded afresh. Record with
+    the convs in the mode they will run in: on CUDA a submanifold conv in eval mode builds no
+    backward pairs.
+    """
+
+    def __init__(self):
+        self._indices, self._pairs = None, None
+
+    def with_pairs(self, voxels):
+        """`voxels` carrying the recorded pairs, or unchanged if none were recorded for them."""
+        if self._pairs is None or self._indices is not voxels.indices:
+            return voxels
+        return type(voxels)(voxels.features, voxels.indices, voxels.spatial_shape, voxels.batch_size,
+                            indice_dict=dict(self._pairs))
+
+    def features(self, backbone: Backbone, voxels) -> torch.Tensor:
+        """(V, 96) backbone features, recording the pairs on the first call for these voxels."""
+        out = backbone.forward_sparse(self.with_pairs(voxels))
+        if self._indices is not voxels.indices:
+            self._indices, self._pairs = voxels.indices, out.indice_dict
+        return out.features
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -156,7 +231,7 @@ class TTTKDNet(nn.Module):
     def __init__(self, config: ModelConfig, *, algo=None):
         super().__init__()
         self.config = config
-        self.backbone = Backbone(config, algo=algo)
+        self.backbone = _backbone(config, algo=algo)
         self.seg_head = _mlp(self.backbone.out_channels, config.seg_hidden, config.num_classes)
         self.kd_head = (_mlp(self.backbone.out_channels, config.kd_hidden, config.kd_dim)
                         if config.kd_dim else nn.Identity())
@@ -220,6 +295,17 @@ def sparse_input(grid_coord: torch.Tensor, batch_index: torch.Tensor, features: 
     return spconv.SparseConvTensor(features, indices, shape, batch_size)
 
 
+def _backbone(config: ModelConfig, *, algo=None) -> nn.Module:
+    if config.backbone == "scn_unet":
+        from .scn_unet import SCNUNet  # scn_unet imports this module: import it when asked for
+
+        return SCNUNet(config.in_channels, channels=config.channels, layers=config.layers,
+                       bn_momentum=config.bn_momentum, algo=algo)
+    if config.backbone != "minkunet":
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose minkunet or scn_unet")
+    return Backbone(config, algo=algo)
+
+
 def model_config(variant: str = "minkunet34c", **fields) -> ModelConfig:
     """Named model sizes. "minkunet34c" is the paper's; "small" (3 M parameters, one block per
     stage, half the channels) is for CPU runs: the demo, tests and quick experiments."""
@@ -227,6 +313,9 @@ def model_config(variant: str = "minkunet34c", **fields) -> ModelConfig:
         "minkunet34c": {},
         "small": dict(stem_channels=16, channels=(16, 32, 64, 128, 128, 64, 48, 48), layers=(1,) * 8,
                       seg_hidden=48, kd_hidden=128),
+        # xMUDA / MM-TTA's 3D network (paper §4.2): 16..112 channels over 7 levels, 16 out
+        "scn_unet": dict(backbone="scn_unet", stem_channels=16, channels=tuple(16 * (n + 1) for n in range(7)),
+                         layers=(1,) * 7, seg_hidden=16),
     }
     if variant not in variants:
         raise ValueError(f"unknown model {variant!r}; choose one of {', '.join(variants)}")

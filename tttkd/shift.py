@@ -41,27 +41,37 @@ class ShiftConfig:
     workers: int = 2
 
 
-def prepare_domain(out: Path, domain: str, *, scenes: int, views: int, seed: int, workers: int) -> Path:
-    """Generate (once) and extract (resuming) one embedded domain; return its cache."""
-    root = out / "data" / f"synth_{domain}"
-    if not (root / "scannetv2_train.txt").exists():
-        generate(root, domain=domain, scenes=scenes, seed=seed, views=views)
-    store = out / "zarr" / f"synth_{domain}"
-    config = PrepConfig(dataset="scannet", root=root, teacher="efficientnet_lite0", batch_size=8)
+def generate_once(root: Path, domain: str, *, scenes: int, views: int, seed: int, val_fraction: float = 0.25) -> Path:
+    """Generate one embedded domain unless it is complete (the split lists are written last)."""
+    if not (root / "scannetv2_val.txt").exists():
+        generate(root, domain=domain, scenes=scenes, seed=seed, views=views, val_fraction=val_fraction)
+    return root
+
+
+def extract_once(root: Path, store: Path, *, workers: int, device: str = "cpu", teacher: str = "efficientnet_lite0",
+                 max_views: int | None = None, progress: bool = False) -> Path:
+    """Extract (resuming) the train and val splits of an embedded dataset; return the store."""
+    config = PrepConfig(dataset="scannet", root=root, teacher=teacher, batch_size=8, max_views=max_views)
     for split in ("train", "val"):
-        report = run_extraction(config, out=store, split=split, workers=workers, device="cpu", progress=False)
+        report = run_extraction(config, out=store, split=split, workers=workers, device=device, progress=progress)
         if report.failed:
             raise RuntimeError(f"{store}: {len(report.failed)} scenes failed: {report.failed}")
     return store
 
 
-def train_once(cache: Path, run: Path, config: TrainConfig, device) -> Path:
+def prepare_domain(out: Path, domain: str, *, scenes: int, views: int, seed: int, workers: int) -> Path:
+    """Generate (once) and extract (resuming) one embedded domain; return its cache."""
+    root = generate_once(out / "data" / f"synth_{domain}", domain, scenes=scenes, views=views, seed=seed)
+    return extract_once(root, out / "zarr" / f"synth_{domain}", workers=workers)
+
+
+def train_once(cache: Path, run: Path, config: TrainConfig, device, *, progress: bool = False) -> Path:
     """Train (or finish training) a run; return its last checkpoint."""
     from .checkpoint import load_checkpoint
 
     done = (run / "last.pt").exists() and load_checkpoint(run / "last.pt")["epoch"] + 1 >= config.epochs
     if not done:
-        train(cache, run, config, device=device, resume=True, progress=False)
+        train(cache, run, config, device=device, resume=True, progress=progress)
     return run / "last.pt"
 
 

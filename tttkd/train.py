@@ -8,7 +8,6 @@ evaluate and checkpoint. Outputs in `out`: last.pt / best.pt, metrics.jsonl, cur
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import torch
 
 from tttkd.pipeline.cache import FeatureCache
 
+from . import distributed
 from .checkpoint import check_classes, check_teacher, load_checkpoint, teacher_of
 from .data import CacheDataset, DataConfig, in_channels, make_loader
 from .evaluate import evaluate
@@ -56,6 +56,12 @@ class TrainConfig:
     amp: bool = True
     """fp16 autocast with loss scaling on CUDA (ignored on CPU)."""
     log_every: int = 10
+    memory_mb: float = 2048
+    """Per loader worker: decoded scenes (points and whole feature arrays) kept in memory up to this
+    size, so a split that fits is read from disk once per worker (0: read every sample from disk)."""
+    reference_input: bool = False
+    """The original input path (no scene memory, the per-corner elastic loop, float32 KD targets):
+    the same samples, slower; for `tttkd bench train`'s comparison."""
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -91,25 +97,34 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int
     return optimizer, scheduler
 
 
-def batch_losses(model, batch, config: TrainConfig):
-    """Forward one batch -> (total loss, seg loss, kd loss or None)."""
+def batch_losses(model, batch, config: TrainConfig, basis: torch.Tensor | None = None,
+                 share: torch.Tensor | None = None):
+    """Forward one batch -> (total loss, seg loss, kd loss or None). `share` (data-parallel
+    training: `distributed.global_share` of the labelled-voxel and KD-target counts) weights each
+    mean so that the processes' averaged gradients are those of the global batch's means."""
     voxels = sparse_input(batch.grid_coord, batch.batch_index, batch.features, batch.num_scenes)
     logits, kd_prediction = model(voxels)
     loss_seg = segmentation_loss(logits, batch.label, label_smoothing=config.label_smoothing)
+    seg_weight, kd_weight = (1.0, config.kd_weight) if share is None else (share[0], config.kd_weight * share[1])
     if kd_prediction is None:
-        return loss_seg, loss_seg, None
-    loss_kd = kd_loss(kd_prediction[batch.kd_voxel], batch.kd_target)
-    return loss_seg + config.kd_weight * loss_kd, loss_seg, loss_kd
+        return loss_seg * seg_weight, loss_seg, None
+    loss_kd = kd_loss(kd_prediction[batch.kd_voxel], batch.kd_target, basis)  # basis: a pca-int8 cache's (D, K)
+    return loss_seg * seg_weight + kd_weight * loss_kd, loss_seg, loss_kd
 
 
 def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path | None = None,
           device: str = "cpu", resume: bool = False, progress: bool = True) -> dict:
     """Train on the `config.split` scenes of `cache_path`; after each epoch evaluate the
-    `config.val_split` scenes of `val_cache` (default: `cache_path`) unless `config.validate` is False."""
+    `config.val_split` scenes of `val_cache` (default: `cache_path`) unless `config.validate` is False.
+
+    In a process group (`distributed`) each process trains on its part of every global batch of
+    `config.batch_size` scenes; process 0 alone validates and writes checkpoints and logs."""
     from rich.progress import Progress
 
     out = Path(out)
     device = torch.device(device)
+    rank, world_size = distributed.rank_and_size()
+    progress = progress and rank == 0
     cache = FeatureCache(cache_path)
     provenance = cache.provenance
     class_names = provenance["class_names"]
@@ -126,15 +141,22 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
         if val_names != class_names:
             raise ValueError(f"{val_cache}: its {len(val_names)} classes differ from the {len(class_names)} of "
                              f"{cache_path}; validate on a cache of the same dataset, or pass --val-split none")
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
 
     seed_everything(config.seed)
     mconfig = model_config(config.model, in_channels=in_channels(config.data.input_features),
                            num_classes=len(class_names), kd_dim=provenance["feature_dim"] if config.use_kd else None,
                            bn_momentum=config.bn_momentum)
     model = build_model(mconfig, device=device)
-    dataset = CacheDataset(cache_path, scene_ids, config.data, train=True, seed=config.seed)
-    steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
+    basis = None if cache.basis is None else torch.from_numpy(cache.basis).to(device)
+    if world_size > 1:
+        model = distributed.convert_batch_norm(model)
+    dataset = CacheDataset(cache_path, scene_ids, config.data, train=True, seed=config.seed,
+                           memory_mb=config.memory_mb, reference=config.reference_input)
+    loader, sampler = make_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
+                                  seed=config.seed, rank=rank, world_size=world_size)
+    steps_per_epoch = len(loader)
     optimizer, scheduler = make_optimizer(model, config, config.epochs * steps_per_epoch)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -149,9 +171,12 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, step, best, history = (checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best_miou"],
                                             checkpoint["history"])
-    log = open(out / "metrics.jsonl", "a")
-    loader, sampler = make_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
-                                  seed=config.seed)
+    net = model  # what is evaluated and saved; `model` is what trains (DDP-wrapped in a process group)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # GlobalBatchNorm keeps the running statistics equal everywhere
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
 
     with Progress(disable=not progress) as bar:
         for epoch in range(start_epoch, config.epochs):
@@ -162,8 +187,12 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                 # batch
                 batch = batch.to(device)
                 # forward + loss
+                share = None
+                if world_size > 1:  # this process's share of the global batch's labelled voxels and KD targets
+                    share = distributed.global_share(torch.stack([(batch.label >= 0).sum(), torch.tensor(
+                        len(batch.kd_voxel), device=device)]))
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    loss, loss_seg, loss_kd = batch_losses(model, batch, config)
+                    loss, loss_seg, loss_kd = batch_losses(model, batch, config, basis, share)
                 # backward + step (the OneCycle schedule advances once per batch)
                 lr = scheduler.get_last_lr()[0]
                 optimizer.zero_grad(set_to_none=True)
@@ -172,19 +201,22 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                 scaler.update()
                 scheduler.step()
                 step += 1
-                # log (.item() syncs with the GPU: only every log_every steps)
-                if step % config.log_every == 0 or step == 1:
+                # log (.item() syncs with the GPU: only every log_every steps; process 0's losses)
+                if rank == 0 and (step % config.log_every == 0 or step == 1):
                     record = {"epoch": epoch, "step": step, "lr": lr, "loss": loss.item(),
                               "loss_seg": loss_seg.item(), "loss_kd": None if loss_kd is None else loss_kd.item(),
                               "time": time.time()}
                     history.append(record)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}")
+                if progress:
+                    bar.update(task, advance=1, description=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}")
+            if rank != 0:
+                continue
             # evaluate
             miou = None
             if val_ids:
-                result = evaluate(model, val_cache, val_ids, data_config=config.data, class_names=class_names,
+                result = evaluate(net, val_cache, val_ids, data_config=config.data, class_names=class_names,
                                   device=device)
                 miou = result.miou
                 record = {"epoch": epoch, "step": step, "val_miou": miou}
@@ -193,7 +225,7 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                 log.flush()
             # checkpoint
             checkpoint = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "history": history,
                 "model_config": asdict(mconfig), "train_config": asdict(config), "class_names": list(class_names),
                 "teacher": teacher_of(provenance), "dataset": provenance.get("dataset"), "best_miou": max(best, miou if miou is not None else -1.0),
@@ -202,6 +234,8 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
             if miou is not None and miou > best:
                 best = miou
                 torch.save(checkpoint, out / "best.pt")
+    if rank != 0:
+        return {"out": str(out), "epochs": config.epochs, "steps": step, "best_val_miou": None, "final_loss": None}
     log.close()
     plot_curves(history, out / "curves.png")
     return {"out": str(out), "epochs": config.epochs, "steps": step, "best_val_miou": best if best >= 0 else None,

@@ -1,0 +1,405 @@
+"""The fast extraction path: many scenes as one stream of teacher batches (`tttkd-prep extract` on GPU).
+
+`extract.extract_scene` does one scene at a time in numpy; at ScanNet sizes that leaves a GPU
+idle most of the time (issue 8: 24 img/s end to end against 5,600 img/s for ViT-L alone). Here:
+  - scenes are read one ahead in a thread; their views are decoded (JPEG draft mode, depth PNG) in
+    a pool of processes, `window` views ahead of the teacher;
+  - decoded views of any scene fill teacher batches (a batch may span scenes), so a scene with
+    few views never runs a small batch;
+  - uint8 pixels go to the device through pinned memory and are normalised there;
+  - each scene's points go to the device once; projection, the depth test, feature sampling and
+    the per-point accumulation are batched tensor ops (`project.project_candidates`, `accumulate`),
+    with one host sync per scene and batch;
+  - a finished scene's arrays are copied to the host on a side stream by a writer thread and
+    written by a pool of processes, through shared memory (`cache.write_scene`, which marks the
+    scene complete only after all its arrays).
+
+Failures keep `extract_scene`'s contract: bad views are skipped and counted by reason, a bad scene
+comes back failed with one line naming it, and the other scenes go on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import zlib
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import cache
+from .extract import (OUT_OF_MEMORY, DecodedView, PrepConfig, SceneResult, SkippedView, check_scene, decode_view,
+                      select_views)
+from .project import to_device, project_candidates
+from .scene import DatasetReader, Scene, SceneReadError, View
+from .teacher import Teacher
+
+
+def accumulate(feature_sum: torch.Tensor, grids: torch.Tensor, view_index: torch.Tensor, point_index: torch.Tensor,
+               uv: torch.Tensor, *, stride: int, weight: torch.Tensor | None = None) -> None:
+    """feature_sum[point] += weight * normalise(bilinear sample of grids[view] at uv), for every (view, point) row.
+
+    The same numbers as `teacher.sample_features` per view followed by index_add_, without ever
+    holding a (rows, D) tensor: a bilinear sample is a weighted sum of four grid cells, so the sum
+    over views is one sparse (points x cells) matrix times the (cells, D) feature matrix. The
+    normalisation needs only each sample's norm, |sum_c w_c g_c|^2 = sum_{c,c'} w_c w_c' <g_c, g_c'>,
+    a quadratic form in the four weights whose dot products are precomputed once per cell and
+    neighbour (grid_sample's border padding repeats the last row and column, so do these).
+
+    Args:
+        feature_sum: (N, D) float32 accumulator of one scene.
+        grids: (V, D, h, w) feature grids of the views.
+        view_index, point_index: (K,) int64 rows of project_views.
+        uv: (K, 2) float32 pixel coordinates.
+        weight: (K,) per row (0 drops a row without a host sync to compact them), default 1.
+    """
+    v_count, _, h, w = grids.shape
+    grids = grids.float()
+    padded = F.pad(grids, (0, 1, 0, 1), mode="replicate")  # (V, D, h+1, w+1)
+    here, right, down, diagonal = padded[:, :, :h, :w], padded[:, :, :h, 1:], padded[:, :, 1:, :w], padded[:, :, 1:, 1:]
+    dots = lambda a, b: (a * b).sum(1).reshape(-1)  # (V*h*w,)
+    square, dot_right, dot_down, dot_diagonal, dot_anti = (dots(here, here), dots(here, right), dots(here, down),
+                                                            dots(here, diagonal), dots(right, down))
+    # grid_sample's source coordinate with align_corners=False, border padding: clamp into the grid
+    x = ((uv[:, 0] + 0.5) / stride - 0.5).clamp(0, w - 1)
+    y = ((uv[:, 1] + 0.5) / stride - 0.5).clamp(0, h - 1)
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    base = view_index * (h * w)
+    cells = torch.stack([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1], 1)  # (K, 4)
+    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)           # (K, 4)
+    c00, c01, c10, _ = cells.unbind(1)
+    w00, w01, w10, w11 = weights.unbind(1)
+    norm2 = (weights.square() * square[cells]).sum(1) + 2 * (
+        w00 * w01 * dot_right[c00] + w00 * w10 * dot_down[c00] + w00 * w11 * dot_diagonal[c00]
+        + w01 * w10 * dot_anti[c00] + w01 * w11 * dot_down[c01] + w10 * w11 * dot_right[c10])
+    coefficients = weights / norm2.clamp_min(0).sqrt().clamp_min(1e-12)[:, None]  # F.normalize's eps
+    if weight is not None:
+        coefficients = coefficients * weight[:, None]
+    matrix = torch.sparse_coo_tensor(torch.stack([point_index.repeat_interleave(4), cells.reshape(-1)]),
+                                     coefficients.reshape(-1), (feature_sum.shape[0], v_count * h * w),
+                                     check_invariants=False)  # indices are in range by construction
+    cell_features = grids.permute(0, 2, 3, 1).reshape(v_count * h * w, -1)  # (V*h*w, D)
+    feature_sum += torch.sparse.mm(matrix, cell_features)
+
+
+@dataclass
+class _SceneWork:
+    """One scene in flight: its points on the device, its accumulators and its bookkeeping."""
+
+    scene: Scene
+    views: list[View]
+    coord: torch.Tensor                    # (N, 3) float64 on the device
+    view_count: torch.Tensor               # (N,) int32
+    feature_sum: torch.Tensor | None = None  # (N, D) float32, allocated with the first grid
+    remaining: int = 0                     # views not yet through the teacher (or skipped)
+    used: int = 0
+    skipped: dict = field(default_factory=dict)
+    view_errors: dict = field(default_factory=dict)
+    failed: str = ""
+    finished: bool = False
+    start: float = 0.0
+
+
+def process_pool(workers: int) -> Executor:
+    """Processes for the CPU work around the GPU: decoding views (Pillow holds the GIL for part of a
+    decode) and writing scenes. Writes must not run in threads of the extracting process: zarr's
+    encoding (zstd, crc32c, its event loop) holds the GIL in long stretches, and the thread that
+    feeds the GPU, which re-takes the GIL after every kernel launch, then waits each time (on an
+    H200: 0.77 s a batch of 64 instead of 0.16 s). A daemonic process (a default Dask worker) may
+    not start children: there it is threads."""
+    if workers <= 0 or multiprocessing.current_process().daemon:
+        return ThreadPoolExecutor(max(1, workers))
+    context = multiprocessing.get_context("forkserver")  # no fork of a process that holds CUDA and threads
+    context.set_forkserver_preload(["tttkd.pipeline.extract"])
+    return ProcessPoolExecutor(workers, mp_context=context)
+
+
+class _Run:
+    """The state of one `extract_scenes` call (see there)."""
+
+    def __init__(self, teacher: Teacher, config: PrepConfig, store: Path, split: str | None, pool: Executor,
+                 writers: int | Executor, write: bool):
+        self.teacher, self.config, self.store, self.split, self.pool = teacher, config, store, split, pool
+        self.device = teacher.device
+        self.buffers: dict[tuple, list] = {}  # image shape -> [(work, decoded)] waiting for a batch
+        # zarr writes behind the GPU, several scenes at once (zstd of ~130 MB of features a 150k-point
+        # ViT-L scene is the cost): these threads wait for the copies to the host, then write here
+        # or hand the arrays to a pool of writing processes (`process_pool`)
+        self.write_processes = writers if isinstance(writers, Executor) else None
+        self.writer = ThreadPoolExecutor(4 if self.write_processes else writers)
+        self.write = write
+        self.timings = {"decode": 0.0, "batches": 0.0, "finish": 0.0, "drain": 0.0}
+        self.writes: deque[tuple[_SceneWork, Future]] = deque()
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def add(self, work: _SceneWork, decoded: DecodedView) -> None:
+        buffer = self.buffers.setdefault(decoded.image.shape, [])
+        buffer.append((work, decoded))
+        if len(buffer) == self.config.batch_size:
+            self.run_batch(self.buffers.pop(decoded.image.shape))
+
+    def flush(self) -> None:
+        for shape in list(self.buffers):
+            self.run_batch(self.buffers.pop(shape))
+
+    def run_batch(self, items: list[tuple[_SceneWork, DecodedView]]) -> None:
+        live = [(work, d) for work, d in items if not work.failed]
+        tick = time.perf_counter()
+        try:
+            if live:
+                self._teacher_and_accumulate(live)
+        except OUT_OF_MEMORY as e:
+            where = "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "host"
+            for work, _ in live:
+                work.failed = (f"{type(e).__name__}: scene {work.scene.scene_id}: out of {where} memory "
+                               f"({work.scene.num_points} points, {len(work.views)} views, batch size "
+                               f"{self.config.batch_size}); lower --batch-size, or split the scene into parts")
+                work.feature_sum = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.timings["batches"] += time.perf_counter() - tick
+        for work, _ in items:
+            work.remaining -= 1
+            self.maybe_finish(work)
+
+    def _teacher_and_accumulate(self, items: list[tuple[_SceneWork, DecodedView]]) -> None:
+        teacher = self.teacher
+        pixels = to_device(np.stack([d.image for _, d in items]), self.device)  # (B, H, W, 3) uint8
+        grids = teacher.features(teacher.prepare_batch(pixels))  # (B, D, h, w)
+        by_scene: dict[int, list[int]] = {}
+        for i, (work, _) in enumerate(items):
+            by_scene.setdefault(id(work), []).append(i)
+        for rows in by_scene.values():
+            work = items[rows[0]][0]
+            decoded = [items[i][1] for i in rows]
+            # hidden pairs stay in, weighted 0: compacting them would stop the host until the GPU catches up
+            view_index, point_index, uv, visible = project_candidates(work.coord, decoded,
+                                                                      config=self.config.projection)
+            if work.feature_sum is None:
+                work.feature_sum = torch.zeros(work.scene.num_points, grids.shape[1], device=self.device)
+            if len(point_index):
+                contiguous = rows == list(range(rows[0], rows[0] + len(rows)))  # the usual case: no index copy
+                views = grids[rows[0]: rows[0] + len(rows)] if contiguous else grids[to_device(np.array(rows), self.device)]
+                accumulate(work.feature_sum, views, view_index, point_index, uv, stride=teacher.stride,
+                           weight=visible.float())
+                work.view_count.index_add_(0, point_index, visible.int())
+            work.used += len(rows)
+
+    def maybe_finish(self, work: _SceneWork) -> None:
+        """Once all of a scene's views are through: its seen points, mean features, and the write."""
+        if work.remaining or work.finished:
+            return
+        work.finished, start = True, work.start
+        scene_id = work.scene.scene_id
+        tick = time.perf_counter()
+        try:
+            if work.failed:
+                raise RuntimeError(work.failed)
+            if work.used == 0:
+                raise SceneReadError(f"scene {scene_id}: no usable views ({work.skipped}; first: "
+                                     f"{next(iter(work.view_errors.values()))})")
+            seen = torch.nonzero(work.view_count).squeeze(1)
+            if len(seen) == 0:
+                raise SceneReadError(f"scene {scene_id}: none of its {work.used} views sees any of its "
+                                     f"{work.scene.num_points} points; check the poses and intrinsics, and that points "
+                                     "and poses share a frame")
+            # the same seeded order as extract_scene: any contiguous block of rows is a uniform sample
+            order = np.random.default_rng([self.config.seed, zlib.crc32(scene_id.encode())]).permutation(len(seen))
+            seen = seen[to_device(order, self.device)]
+            counts = work.view_count[seen]
+            mean = (work.feature_sum[seen] / counts[:, None].float()).half()  # fp16: what the cache stores
+            arrays = {"seen_index": seen.int(), "feature": mean, "view_count": counts}
+            if self.copy_stream is not None:  # the copies to the host wait for these on the side stream
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        except (OSError, ValueError, RuntimeError) as e:
+            reason = str(e) if work.failed else f"{type(e).__name__}: {e}"
+            self.writes.append((work, _done(SceneResult(scene_id, "failed", reason=reason,
+                                                        views_skipped=work.skipped, view_errors=work.view_errors,
+                                                        seconds=time.perf_counter() - start))))
+            return
+        finally:
+            work.feature_sum = work.coord = work.view_count = None  # the device memory goes back now
+        self.writes.append((work, self.writer.submit(self._write, work, arrays, start)))
+        self.timings["finish"] += time.perf_counter() - tick
+
+    def _write(self, work: _SceneWork, arrays: dict[str, torch.Tensor], start: float) -> SceneResult:
+        """In a writer thread: the scene's arrays to the host (on the side stream, so the GPU's
+        work queue never waits for a copy), then into the store, here or in a writing process."""
+        scene = work.scene
+        blocks: list[SharedMemory] = []
+        try:
+            share = self.write and self.write_processes is not None and _shm_room(arrays)
+            host = {}
+            with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
+                for name, tensor in arrays.items():
+                    if share:  # straight into shared memory: the writing process reads it without a copy
+                        block = SharedMemory(create=True, size=max(1, tensor.numel() * tensor.element_size()))
+                        blocks.append(block)
+                        torch.frombuffer(block.buf, dtype=tensor.dtype, count=tensor.numel()).copy_(tensor.flatten())
+                        host[name] = (block.name, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
+                    else:
+                        host[name] = tensor.cpu().numpy()
+            arrays.clear()  # the device memory can go
+            options = dict(feature_codec=self.config.feature_codec,
+                           attrs={"split": self.split, "num_views": work.used, "views_skipped": work.skipped,
+                                  "view_errors": work.view_errors})
+            if not self.write:
+                pass
+            elif share:
+                self.write_processes.submit(_write_shared, self.store, scene, host, **options).result()
+            elif self.write_processes is not None:
+                self.write_processes.submit(cache.write_scene, self.store, scene, **host, **options).result()
+            else:
+                cache.write_scene(self.store, scene, **host, **options)
+        except (OSError, ValueError) as e:
+            return SceneResult(scene.scene_id, "failed", reason=f"{type(e).__name__}: {e}", views_skipped=work.skipped,
+                               view_errors=work.view_errors, seconds=time.perf_counter() - start)
+        finally:
+            for block in blocks:
+                block.close()
+                block.unlink()
+        num_seen = host["seen_index"][1][0] if share else len(host["seen_index"])
+        return SceneResult(scene.scene_id, "done", num_points=scene.num_points, num_seen=num_seen, num_views=work.used,
+                           views_skipped=work.skipped, view_errors=work.view_errors,
+                           seconds=time.perf_counter() - start)
+
+    def finished(self, *, wait: bool) -> Iterator[SceneResult]:
+        """Results of written scenes, in order; with `wait`, all of them."""
+        while self.writes and (wait or self.writes[0][1].done()):
+            yield self.writes.popleft()[1].result()
+
+
+def _shm_room(arrays: dict[str, torch.Tensor]) -> bool:
+    """Whether /dev/shm has room for these arrays twice over (a container's default is 64 MB, and a
+    full one kills the writer with SIGBUS instead of raising): else they go through a pipe."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize > 2 * sum(t.numel() * t.element_size() for t in arrays.values()) + (1 << 30)
+
+
+def _write_shared(store: Path, scene: Scene, arrays: dict[str, tuple[str, tuple, str]], **options) -> bool:
+    """`cache.write_scene` in a writing process, reading the arrays from shared memory blocks."""
+    blocks = {name: SharedMemory(name=block) for name, (block, _, _) in arrays.items()}
+    try:
+        for block in blocks.values():  # the parent unlinks them; this process's tracker must not
+            resource_tracker.unregister(block._name, "shared_memory")
+        views = {name: np.ndarray(shape, dtype=np.dtype(dtype), buffer=blocks[name].buf)
+                 for name, (_, shape, dtype) in arrays.items()}
+        written = cache.write_scene(store, scene, **views, **options)
+        del views
+        return written
+    finally:
+        for block in blocks.values():
+            block.close()
+
+
+def _done(result: SceneResult) -> Future:
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
+def _load_scene(reader: DatasetReader, scene_id: str, config: PrepConfig):
+    scene = reader.read_scene(scene_id)
+    check_scene(scene, tuple(reader.class_names))
+    view_set = reader.read_views(scene_id)
+    views = select_views(view_set.views, config.max_views, seed=config.seed, scene_id=scene_id)
+    if not views:
+        raise SceneReadError(f"scene {scene_id}: no usable views ({view_set.skipped or 'none found'})")
+    return scene, views, dict(view_set.skipped)
+
+
+def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teacher, config: PrepConfig, store: Path,
+                   split: str | None, pool: Executor, window: int | None = None, writers: int | Executor = 4,
+                   write: bool = True, timings: dict | None = None) -> Iterator[SceneResult]:
+    """Extract `scene_ids` into the store as one stream of teacher batches; yield each scene's result
+    once it is written (or failed). The cache equals `extract_scene`'s scene by scene (same seen
+    points, view counts and row order; features to float rounding).
+
+    Args:
+        pool: decodes views (see `process_pool`); the caller owns it, so it outlives one call.
+        window: views decoding ahead of the teacher (default 4 batches).
+        writers: threads writing finished scenes, or an executor (`process_pool`) to write them in.
+        write: False skips the zarr write (everything else runs): `tttkd bench extract --no-write`
+            isolates what the write costs. Nothing is marked complete then.
+        timings: if given, filled with seconds of this thread's wall time by what it waited on:
+            "decode" (a decoded view), "batches" (teacher, projection, sampling; the GPU, as kernels
+            are queued until a host sync), "finish" (seen points, mean, copies), "drain" (the
+            writes still running after the last batch). The bench reports them.
+    """
+    window = window or 4 * config.batch_size
+    run = _Run(teacher, config, Path(store), split, pool, writers, write)
+    loader = ThreadPoolExecutor(1)  # reads the next scene's points while this one's views decode
+    loads = deque((s, loader.submit(_load_scene, reader, s, config)) for s in scene_ids[:2])
+    upcoming = iter(scene_ids[2:])
+    decoding: deque[tuple[_SceneWork, Future]] = deque()
+    pending_views: deque[tuple[_SceneWork, View]] = deque()
+    try:
+        while loads or pending_views or decoding:
+            # keep `window` views decoding: take views of the next scene when this one's are all submitted
+            while len(decoding) < window and (pending_views or loads):
+                if not pending_views:
+                    scene_id, future = loads.popleft()
+                    following = next(upcoming, None)
+                    if following is not None:
+                        loads.append((following, loader.submit(_load_scene, reader, following, config)))
+                    work = _start_scene(future, scene_id, run)
+                    if work is not None:
+                        pending_views.extend((work, v) for v in work.views)
+                    continue
+                work, view = pending_views.popleft()
+                decoding.append((work, run.pool.submit(decode_view, view, image_scale=config.image_scale,
+                                                       fit=teacher.spec)))
+            if decoding:
+                work, future = decoding.popleft()
+                try:
+                    tick = time.perf_counter()
+                    decoded = future.result()
+                    run.timings["decode"] += time.perf_counter() - tick
+                    run.add(work, decoded)
+                except SkippedView as e:  # counted by reason; the scene goes on with its other views
+                    work.skipped[e.reason] = work.skipped.get(e.reason, 0) + 1
+                    work.view_errors.setdefault(e.reason, str(e))
+                    work.remaining -= 1
+                    run.maybe_finish(work)
+            elif not loads and not pending_views:
+                break
+            yield from run.finished(wait=False)
+        run.flush()
+        tick = time.perf_counter()
+        yield from run.finished(wait=True)
+        run.timings["drain"] += time.perf_counter() - tick
+        if timings is not None:
+            timings.update(run.timings)
+    finally:
+        loader.shutdown(wait=False, cancel_futures=True)
+        run.writer.shutdown(wait=True)
+
+
+def _start_scene(future: Future, scene_id: str, run: _Run) -> _SceneWork | None:
+    """A loaded scene's work on the device, or None after recording why it failed."""
+    start = time.perf_counter()
+    try:
+        scene, views, skipped = future.result()
+        coord = to_device(scene.coord.astype(np.float64), run.device)  # the scene's points go once
+        return _SceneWork(scene, views, coord, torch.zeros(scene.num_points, dtype=torch.int32, device=run.device),
+                          remaining=len(views), skipped=skipped, start=start)
+    except (OSError, ValueError) as e:  # SceneReadError, PlyError, ...
+        run.writes.append((None, _done(SceneResult(scene_id, "failed", reason=f"{type(e).__name__}: {e}",
+                                                   seconds=time.perf_counter() - start))))
+        return None

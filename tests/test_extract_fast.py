@@ -1,0 +1,170 @@
+"""The fast extraction path against the reference path: batched torch projection against
+`project_view`, sparse feature accumulation against `sample_features`, and the cross-scene
+batched extraction against the per-scene one (same cache)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tttkd.pipeline.cache import FeatureCache
+
+from tttkd.pipeline.project import ProjectionConfig, project_view, project_views
+from tttkd.pipeline.scene import Camera
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The per-view inputs of project_views (what extract.DecodedView carries)."""
+
+    cam_to_world: np.ndarray
+    camera: Camera
+    image_scale: float
+    depth: np.ndarray | None = None
+    depth_camera: Camera | None = None
+    depth_scale: float = 1000.0
+
+
+def look_at(position, target):
+    forward = (target - position) / np.linalg.norm(target - position)
+    right = np.cross(forward, [0.0, 0.0, 1.0])
+    right /= np.linalg.norm(right)
+    pose = np.eye(4)
+    pose[:3, :3] = np.stack([right, np.cross(forward, right), forward], axis=1)
+    pose[:3, 3] = position
+    return pose
+
+
+def random_views(rng, coord, count):
+    """Views of a random point cloud: depth images made from the points themselves (a z-buffer of
+    the points, with noise and holes, at another size than the colour image), and views without one."""
+    views = []
+    for i in range(count):
+        pose = look_at(rng.uniform(-0.5, 0.5, 3) + [0, 0, 0.5], rng.uniform(-1, 1, 3) * [2, 2, 0.3] + [0, 0, 0.0])
+        pose[:3, 3] += rng.normal(0, 0.3, 3)
+        width, height = int(rng.integers(60, 90)), int(rng.integers(40, 70))
+        k = np.array([[rng.uniform(50, 80), rng.uniform(-0.5, 0.5), width / 2], [0, rng.uniform(50, 80), height / 2],
+                      [0, 0, 1]])
+        camera = Camera(k, width, height)
+        if i % 3 == 2:  # no depth image: the z-buffer test
+            views.append(Geometry(pose, camera, rng.uniform(0.2, 1.0)))
+            continue
+        depth_camera = camera.resized(width * 2, height * 2)
+        cam = (coord - pose[:3, 3]) @ pose[:3, :3]
+        depth = np.zeros((height * 2, width * 2))
+        front = cam[:, 2] > 0.05
+        pixel = np.rint(cam[front, :2] / cam[front, 2:] @ depth_camera.intrinsics[:2, :2].T
+                        + depth_camera.intrinsics[:2, 2]).astype(int)
+        ok = (pixel[:, 0] >= 0) & (pixel[:, 0] < width * 2) & (pixel[:, 1] >= 0) & (pixel[:, 1] < height * 2)
+        z = cam[front, 2][ok]
+        order = np.argsort(-z)  # nearest written last
+        depth[pixel[ok][order, 1], pixel[ok][order, 0]] = z[order]
+        depth = depth + rng.normal(0, 0.01, depth.shape) * (depth > 0)
+        raw = np.clip(depth * 1000, 0, 65535).round().astype(np.uint16)
+        raw[rng.random(raw.shape) < 0.05] = 65535 if i % 2 else 0  # holes: both "no measurement" codes
+        views.append(Geometry(pose, camera, rng.uniform(0.2, 1.0), raw, depth_camera, 1000.0))
+    return views
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_projection_returns_project_views_rows_for_depth_and_zbuffer_views(seed):
+    """A bug in any test (frustum, border, depth lookup, hole codes, z-buffer slabs per view, the
+    order of rows) shows as a different set of indices or pixels."""
+    rng = np.random.default_rng(seed)
+    coord = rng.uniform(-2, 2, (4000, 3)) * [1, 1, 0.5]
+    views = random_views(rng, coord, 7)
+    config = ProjectionConfig()
+    view_index, point_index, uv = project_views(torch.from_numpy(coord), views, config=config)
+    total = 0
+    for i, g in enumerate(views):
+        reference = project_view(coord, g.cam_to_world, g.camera, config=config, image_scale=g.image_scale,
+                                 depth=g.depth, depth_camera=g.depth_camera, depth_scale=g.depth_scale)
+        rows = (view_index == i).numpy()
+        np.testing.assert_array_equal(point_index[rows].numpy(), reference.point_index)
+        np.testing.assert_allclose(uv[rows].numpy(), reference.uv, atol=1e-3)
+        total += len(reference.point_index)
+    assert len(view_index) == total
+    assert total > 500, "the random views must see points, or the comparison is empty"
+    with_depth = sum(len(project_view(coord, g.cam_to_world, g.camera, config=config, image_scale=g.image_scale,
+                                      depth=g.depth, depth_camera=g.depth_camera).point_index)
+                     for g in views if g.depth is not None)
+    assert 0 < with_depth < total
+
+
+def test_sparse_accumulation_equals_sample_features_per_view():
+    """The Gram-matrix norm and the sparse (points x cells) product against grid_sample + normalise +
+    index_add_, with samples on the border rows and columns (where grid_sample repeats the edge)."""
+    from tttkd.pipeline.batched import accumulate
+    from tttkd.pipeline.teacher import sample_features
+
+    g = torch.Generator().manual_seed(0)
+    stride, views, n = 8, 3, 500
+    grids = torch.randn(views, 16, 5, 7, generator=g) + 0.3
+    view_index = torch.randint(0, views, (2000,), generator=g)
+    point_index = torch.randint(0, n, (2000,), generator=g)
+    uv = torch.rand(2000, 2, generator=g) * torch.tensor([7 * stride + 6, 5 * stride + 6]) - 3  # past the edges too
+    uv[:50, 0] = 7 * stride - 1  # the last pixel column
+    result = torch.zeros(n, 16)
+    accumulate(result, grids, view_index, point_index, uv, stride=stride)
+    reference = torch.zeros(n, 16)
+    for v in range(views):
+        rows = view_index == v
+        reference.index_add_(0, point_index[rows], sample_features(grids[v], uv[rows], stride=stride))
+    torch.testing.assert_close(result, reference, atol=1e-5, rtol=1e-5)
+
+
+def corrupt_one_image(root):
+    """Truncate one colour JPEG: both paths must skip that view and count it the same way."""
+    image = sorted((root / "scannet_frames_25k" / "scene0001_00" / "color").iterdir())[1]
+    image.write_bytes(image.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, tmp_path, processes):
+    """Batches that span scenes (batch 4, scenes of 2-3 views), decoding and writing in threads or in
+    processes (SkippedView, DecodedView and the scene's arrays cross the process boundary): same seen
+    points in the same order, same view counts and skip counts, features with cosine >= 0.999."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tttkd.pipeline import cache
+    from tttkd.pipeline.batched import extract_scenes, process_pool
+    from tttkd.pipeline.extract import PrepConfig, extract_scene
+    from tttkd.pipeline.scannet import ScanNetReader
+    from tttkd.pipeline.teacher import load_teacher
+
+    root = Path(shutil.copytree(synth_root, tmp_path / "data"))
+    corrupt_one_image(root)
+    ids = ["scene0000_00", "scene0001_00", "scene0002_00", "scene0404_00"]  # the last one does not exist
+    teacher = load_teacher("efficientnet_lite0", device="cpu")
+    config = PrepConfig(dataset="scannet", root=root, teacher="efficientnet_lite0", batch_size=4)
+    reader = ScanNetReader(root)
+    stores = {}
+    for path in ("per_scene", "batched"):
+        stores[path] = tmp_path / f"{path}.zarr"
+        cache.open_for_writing(stores[path], {"teacher": "efficientnet_lite0"})
+    reference = {s: extract_scene(reader, s, teacher=teacher, config=config, store=stores["per_scene"], split="x")
+                 for s in ids}
+    pool, writers = (process_pool(2), process_pool(1)) if processes else (ThreadPoolExecutor(2), 2)
+    with pool:
+        results = {r.scene_id: r for r in extract_scenes(reader, ids, teacher=teacher, config=config,
+                                                         store=stores["batched"], split="x", pool=pool, writers=writers)}
+    if processes:
+        writers.shutdown()
+    assert sorted(results) == sorted(ids)
+    assert results["scene0404_00"].status == "failed" and "scene0404_00" in results["scene0404_00"].reason
+    assert results["scene0001_00"].views_skipped == reference["scene0001_00"].views_skipped == {"unreadable image": 1}
+    for s in ids[:3]:
+        assert results[s].status == "done", results[s].reason
+        assert (results[s].num_views, results[s].num_seen) == (reference[s].num_views, reference[s].num_seen)
+        a, b = FeatureCache(stores["per_scene"]).read(s), FeatureCache(stores["batched"]).read(s)
+        np.testing.assert_array_equal(a.seen_index, b.seen_index)
+        np.testing.assert_array_equal(a.view_count, b.view_count)
+        cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(a.feature.astype(np.float32)),
+                                                       torch.from_numpy(b.feature.astype(np.float32)), dim=1)
+        assert cosine.min() >= 0.999, (s, float(cosine.min()))
+        group = zarr.open_group(stores["batched"] / "scenes" / s, mode="r")
+        assert group.attrs["complete"] is True and group.attrs["split"] == "x"

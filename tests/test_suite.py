@@ -1,0 +1,150 @@
+"""The shift-family suite runner: cells per (family, seed, row), resume, the mean ± std table, the demo table."""
+
+import json
+import re
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import zarr
+
+from tttkd.adapt import AdaptConfig
+from tttkd.suite import (SuiteConfig, cell_path, cpu_suite, load_cells, mean_std, run_suite, write_json_atomic)
+from tttkd.train import TrainConfig
+
+
+class ReadyWorkspace:
+    """Caches and checkpoints made by the session fixtures instead of generated and trained ones."""
+
+    device = "cpu"
+
+    def __init__(self, cache, checkpoint):
+        self.cache_path, self.checkpoint = cache, checkpoint
+        self.calls = []
+
+    def cache(self, domain, seed):
+        return self.cache_path
+
+    def model(self, domain, seed, kind):
+        self.calls.append((domain, seed, kind))
+        return self.checkpoint
+
+
+@pytest.fixture(scope="module")
+def split_cache(synth_cache, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("suite") / "cache.zarr"
+    shutil.copytree(synth_cache, cache)
+    scenes = zarr.open_group(cache, mode="r+", zarr_format=3)["scenes"]
+    for scene_id, split in (("scene0000_00", "train"), ("scene0001_00", "val"), ("scene0002_00", "val")):
+        scenes[scene_id].attrs["split"] = split
+    return cache
+
+
+def tiny(**changes) -> SuiteConfig:
+    config = SuiteConfig(name="test", scenes=3, val_fraction=0.5, views=3, seeds=(0, 1), families=("sensor",),
+                         rows=("Source-Only", "TTT-KD"), train=TrainConfig(model="small", epochs=1),
+                         adapt=AdaptConfig(steps=2, lr=0.1, rotations=1, kd_points=256))
+    return replace(config, **changes)
+
+
+def run(config, out, split_cache, joint_checkpoint, **kwargs):
+    return run_suite(config, out, workspace=ReadyWorkspace(split_cache, joint_checkpoint), log=lambda m: None,
+                     **kwargs)
+
+
+def cell_string(table: str, row: str, column: int) -> str:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
+    return line.split("|")[column + 2].strip()
+
+
+def test_suite_cells_reproduce_and_the_table_comes_from_the_per_seed_cells(split_cache, joint_checkpoint, tmp_path):
+    config = tiny()
+    first = run(config, tmp_path / "x", split_cache, joint_checkpoint)
+    assert (first.done, first.total, first.stopped) == (4, 4, False) and len(first.ran) == 4
+    cells = load_cells(tmp_path / "x")
+    assert {(c["family"], c["seed"], c["row"]) for c in cells} == {
+        ("sensor", s, r) for s in (0, 1) for r in ("Source-Only", "TTT-KD")}
+    ttt = {c["seed"]: c for c in cells if c["row"] == "TTT-KD" and c["family"] == "sensor"}
+    # TTT-KD scenes are saved one by one and add up to the cell: its mIoU is that of the summed confusions
+    assert sorted(ttt[0]["target_scenes"]) == ["scene0001_00", "scene0002_00"]
+    assert set(ttt[0]["result"]["per_scene_miou"]) == {"scene0001_00", "scene0002_00"}
+    assert set(ttt[0]["result"]["miou_by_step"]) == {"0", "1", "2"}
+    assert ttt[0]["changed"] == ["coord_noise_m", "color_noise", "density_per_m2", "missing_normals"]
+    # the seed draws the adaptation samples: seeds differ (a rerun of a seed gives the same cell: next test)
+    assert ttt[0]["result"]["kd_loss_by_step"] != ttt[1]["result"]["kd_loss_by_step"]
+
+    # the Markdown table's mean ± std equal those recomputed from the per-seed JSON
+    table = (tmp_path / "x" / "results.md").read_text()
+    assert "| row | sensor |" in table
+    for row in ("Source-Only", "TTT-KD"):
+        for column, family in enumerate(("sensor",)):
+            values = [100 * c["result"]["miou"] for c in cells if c["row"] == row and c["family"] == family]
+            assert len(values) == 2
+            assert cell_string(table, row, column) == f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+    record = json.loads((tmp_path / "x" / "results.json").read_text())
+    assert record["table"]["TTT-KD"]["sensor"]["seeds"] == [0, 1]
+    assert record["families"]["sensor"]["parameters"]["missing_normals"] == 0.3
+    assert (tmp_path / "x" / "miou_vs_steps_sensor.png").stat().st_size > 10_000
+
+
+def test_a_rerun_skips_finished_cells_and_redoes_half_written_ones_identically(split_cache, joint_checkpoint,
+                                                                               tmp_path):
+    config = tiny(seeds=(0,), families=("none",))
+    out = tmp_path / "out"
+    assert run(config, out, split_cache, joint_checkpoint).done == 2
+    source_only = cell_path(out, 0, "none", "Source-Only")
+    ttt = cell_path(out, 0, "none", "TTT-KD")
+    before = {p: p.read_bytes() for p in (source_only, ttt)}
+    again = run(config, out, split_cache, joint_checkpoint)
+    assert again.ran == [] and again.done == 2 and all(p.read_bytes() == b for p, b in before.items())
+    # a cell cut short mid-write, and a TTT-KD scene lost with it: both are redone, nothing else
+    source_only.write_text(before[source_only].decode()[:100])
+    ttt.unlink()
+    part = ttt.with_suffix("") / "scene0002_00.json"
+    part.unlink()
+    (ttt.parent / "tent.json.tmp123").write_text("{")  # a temporary file a killed run left
+    workspace = ReadyWorkspace(split_cache, joint_checkpoint)
+    redo = run_suite(config, out, workspace=workspace, log=lambda m: None)
+    assert sorted(redo.ran) == sorted(str(p.relative_to(out)) for p in (source_only, ttt))
+    scores = lambda text: {k: json.loads(text)["result"][k] for k in ("miou", "confusion_by_step")}
+    assert part.exists() and scores(source_only.read_text()) == scores(before[source_only])
+    assert json.loads(ttt.read_text())["result"]["confusion_by_step"] == json.loads(before[ttt])["result"]["confusion_by_step"]
+    # cells of another protocol are never mixed in
+    with pytest.raises(ValueError, match="made with another protocol"):
+        run(replace(config, adapt=replace(config.adapt, lr=1.0)), out, split_cache, joint_checkpoint)
+
+
+def test_max_minutes_stops_cleanly_before_a_unit_that_would_not_fit(split_cache, joint_checkpoint, tmp_path):
+    stopped = run(tiny(families=("sensor", "none")), tmp_path, split_cache, joint_checkpoint, max_minutes=0)
+    assert stopped.stopped and stopped.done == 0 and stopped.total == 8 and load_cells(tmp_path) == []
+    assert (tmp_path / "results.md").exists()
+
+
+def test_atomic_write_leaves_no_partial_file_and_mean_std_uses_the_sample_std(tmp_path):
+    path = tmp_path / "c" / "cell.json"
+    write_json_atomic(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in path.parent.iterdir()] == ["cell.json"]
+    assert mean_std([0.2, 0.4]) == pytest.approx((30.0, 100 * np.std([0.2, 0.4], ddof=1)))
+    assert mean_std([0.25]) == (25.0, 0.0)
+
+
+def test_presets_follow_the_protocol():
+    from tttkd.suite import gpu_suite
+
+    gpu = gpu_suite()
+    assert (gpu.train.model, gpu.adapt.lr, gpu.adapt.steps, gpu.adapt.rotations, gpu.adapt.kd_points) == (
+        "minkunet34c", 1.0, 100, 8, 16384)
+    assert round(gpu.scenes * gpu.val_fraction) >= 16 and len(gpu.seeds) == 3
+    assert cpu_suite().train.model == "small" and cpu_suite().protocol() != gpu.protocol()
+
+
+def test_demo_table_fits_100_columns_and_gives_the_change_against_source_only():
+    from tttkd.cli.demo import short_table
+
+    rows = {"Source-Only": 0.2, "Joint-Train": 0.18, "TENT": 0.25, "TTT-KD": 0.3125}
+    lines = short_table(rows).splitlines()
+    assert max(len(line) for line in lines) <= 100
+    ttt = next(line for line in lines if line.startswith("TTT-KD "))
+    assert re.search(r"31\.2\s+\+11\.2", ttt) and re.search(r"18\.0\s+-2\.0", next(
+        line for line in lines if line.startswith("Joint-Train")))

@@ -1,0 +1,114 @@
+"""The fast TTT path computes what the reference path computes: index pairs built once per
+rotation and reused by every step and prediction give the rebuilt path's losses, gradients and
+predictions; pairs recorded for other voxels are never used. (CUDA graphs: tests/test_gpu.py.)"""
+
+import numpy as np
+import pytest
+import torch
+from rooms import room_scene
+
+from tttkd.adapt import AdaptConfig, RotatedScene, TTTKD, rotated, ttt_kd_offline
+from tttkd.data import DataConfig
+from tttkd.model import build_model, model_config
+
+DATA = DataConfig(voxel_size_m=0.1)
+# the small model's layout at 8 channels: every layer kind of MinkUNet34C, fast on a shared CPU
+TINY = dict(stem_channels=8, channels=(8,) * 8, seg_hidden=8, kd_hidden=16)
+
+
+@pytest.fixture(scope="module")
+def room():
+    return room_scene(4_000, kd_dim=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Thousands of tiny CPU ops: threads only contend (measured 20x slower on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def adapter(reuse_pairs: bool, **fields) -> TTTKD:
+    torch.manual_seed(0)
+    model = build_model(model_config("small", kd_dim=16, num_classes=20, **TINY), device="cpu")
+    return TTTKD(model, AdaptConfig(lr=1.0, kd_points=512, reuse_pairs=reuse_pairs, **fields))
+
+
+@pytest.fixture
+def pair_builds(monkeypatch):
+    """Counts spconv's index-pair constructions (the Native path's, as run on CPU)."""
+    from spconv.pytorch import conv
+
+    calls = []
+    build = conv.ops.get_indice_pairs
+    monkeypatch.setattr(conv.ops, "get_indice_pairs", lambda *a, **k: calls.append(1) or build(*a, **k))
+    return calls
+
+
+def test_reused_pairs_give_the_rebuilt_losses_gradients_and_predictions(room, pair_builds):
+    reference, fast = adapter(False), adapter(True)
+    views = {a: rotated(room, 0.4, DATA, "cpu") for a in (reference, fast)}
+    targets = reference.plan_targets(room, views[reference], np.random.default_rng(0), steps=3)
+    builds = {}
+    for step in range(3):
+        losses = {}
+        for a in (reference, fast):
+            before = len(pair_builds)
+            losses[a] = a.step(views[a], targets[0][step], room.feature[targets[1][step]])
+            builds[a, step] = len(pair_builds) - before
+        torch.testing.assert_close(losses[fast], losses[reference], rtol=1e-5, atol=0)
+        for (name, p), q in zip(fast.model.named_parameters(), reference.model.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # the small model: 4 strided convs and 6 submanifold keys (stem, subm0-4), 10 constructions a forward
+    assert builds[reference, 0] == builds[reference, 2] == builds[fast, 0] == 10
+    assert builds[fast, 1] == builds[fast, 2] == 0, "later steps must reuse the first step's pairs"
+    before = len(pair_builds)
+    torch.testing.assert_close(fast.predict(views[fast]), reference.predict(views[reference]), rtol=1e-5, atol=1e-5)
+    assert len(pair_builds) == before + 10  # only the reference rebuilt
+
+
+def test_pairs_recorded_for_other_voxels_are_not_used(room):
+    fast = adapter(True)
+    first, second = rotated(room, 0.0, DATA, "cpu"), rotated(room, 2.0, DATA, "cpu")
+    assert len(first.voxels.indices) != len(second.voxels.indices) or not torch.equal(first.voxels.indices,
+                                                                                      second.voxels.indices)
+    with torch.no_grad():
+        fast.features(first)  # records the first rotation's pairs
+        # another rotation handed the first one's record: recorded afresh, not reused
+        stale = RotatedScene(second.voxels, second.point_to_voxel, pairs=first.pairs)
+        torch.testing.assert_close(fast.features(stale), fast.model.forward_features(second.voxels))
+        # new features on the same voxels keep the record (the pairs depend on the voxels only)
+        scaled = RotatedScene(second.voxels.replace_feature(second.voxels.features * 2), second.point_to_voxel,
+                              pairs=stale.pairs)
+        assert scaled.pairs.with_pairs(scaled.voxels).indice_dict
+        torch.testing.assert_close(fast.features(scaled), fast.model.forward_features(scaled.voxels))
+
+
+def test_offline_protocol_is_the_same_with_reused_pairs(room):
+    config = dict(rotations=2)
+    results, losses = {}, {}
+    for reuse in (False, True):
+        losses[reuse] = []
+        a = adapter(reuse, **config)
+        results[reuse] = ttt_kd_offline(a, room, DATA, record_steps=[0, 3], kd_losses=losses[reuse])
+    assert len(losses[True]) == 3 and all(isinstance(x, float) for x in losses[True])
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    for step in (0, 3):
+        torch.testing.assert_close(results[True][step], results[False][step], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(results[True][3], results[True][0])  # the steps did something
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_planned_targets_are_the_ones_drawn_step_by_step(room, shuffle):
+    a = adapter(True, shuffle_targets=shuffle)
+    view = rotated(room, 0.0, DATA, "cpu")
+    voxels, rows = a.plan_targets(room, view, np.random.default_rng(3), steps=3)
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        kd_voxel, kd_target = a.sample_targets(room, view, rng)
+        assert torch.equal(voxels[step], kd_voxel) and torch.equal(room.feature[rows[step]], kd_target)
+    assert not torch.equal(voxels[0], voxels[1])

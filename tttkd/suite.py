@@ -1,0 +1,499 @@
+"""The embedded domain-shift suite: every method on every shift family and seed, each result cell
+saved the moment it finishes, then one table (mean ± std over seeds) and mIoU-vs-steps plots.
+
+    per seed s:    synth domain a (seed s) -> cache -> Joint-Train and Source-Only (training seed s)
+    per family f:  synth family f on domain a's rooms (seed s, `synth.FAMILIES`) -> cache
+                   -> every row on f's val scenes -> one cell   <out>/cells/<f>/seed<s>/<row>.json
+    family "none": the in-distribution control, domain a's own val scenes (must not degrade)
+
+The shifted val rooms are the source's val rooms with one group of parameters changed, so each
+family's drop isolates that group. Rows (paper Tables 1-3): Oracle (trained on the family's train
+rooms), Source-Only, Joint-Train, TENT, DUA, AdaContrast, TTT-KD-O, TTT-KD, and the control TTT-KD
+with shuffled teacher targets (must not help).
+
+Resumable: a cell is written atomically (temporary file, then rename) and a rerun skips every
+finished cell of the same protocol; offline TTT-KD, whose scenes are independent, also saves each
+scene, so a cell longer than one device call still advances. Data, caches and checkpoints live in a
+separate work folder and are rebuilt deterministically when missing. `max_minutes` stops before a
+unit of work that would not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from tttkd.pipeline.cache import FeatureCache
+from tttkd.pipeline.synth import DOMAINS, FAMILIES, generate
+
+from .adapt import AdaptConfig
+from .data import DataConfig
+from .experiment import MethodResult, markdown_table, run_method, scored_classes
+from .metrics import iou_per_class, mean_iou
+from .shift import extract_once, train_once
+from .train import TrainConfig
+
+IN_DISTRIBUTION = "none"
+"""The pseudo-family of the in-distribution control: the source domain's own val scenes."""
+SHUFFLED = "control: TTT-KD, shuffled targets"
+# (row, method, model): model is the source's "joint" or "source_only", or the family's "oracle"
+ROW_PLAN = (("Oracle", "none", "oracle"), ("Source-Only", "none", "source_only"), ("Joint-Train", "none", "joint"),
+            ("TENT", "tent", "source_only"), ("DUA", "dua", "source_only"), ("AdaContrast", "adacontrast", "source_only"),
+            ("TTT-KD-O", "ttt-kd-o", "joint"), ("TTT-KD", "ttt-kd", "joint"), (SHUFFLED, "ttt-kd-shuffled", "joint"))
+ROWS = tuple(row for row, _, _ in ROW_PLAN)
+IN_DISTRIBUTION_ROWS = ("Source-Only", "Joint-Train", "TTT-KD")
+PER_SCENE = ("ttt-kd", "ttt-kd-shuffled")  # offline: scenes are independent, so each is saved on its own
+# work order within a (seed, family): the cheap rows first, the Oracle (one more training) last
+ORDER = ROWS[1:] + ROWS[:1]
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    name: str
+    scenes: int
+    """Rooms per domain; `val_fraction` of them are the target scenes."""
+    val_fraction: float
+    views: int
+    """Views per room in the generated data."""
+    train: TrainConfig
+    adapt: AdaptConfig
+    max_views: int | None = None
+    """Views per scene in the cache (ablation, paper Fig. 4b); None: all."""
+    teacher: str = "efficientnet_lite0"
+    """The offline teacher: efficientnet_lite0/1/2 (ablation: the teacher)."""
+    families: tuple[str, ...] = FAMILIES + (IN_DISTRIBUTION,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Each seed draws the data, the training and the adaptation samples."""
+    rows: tuple[str, ...] = ROWS
+    workers: int = 2
+
+    def protocol(self) -> dict:
+        """What a cell's number depends on: cells of another protocol are never mixed in."""
+        record = asdict(self)
+        for key in ("name", "families", "seeds", "rows", "workers"):
+            record.pop(key)
+        record["train"].pop("workers")
+        return json.loads(json.dumps(record))
+
+
+def cpu_suite() -> SuiteConfig:
+    """A few minutes a family and seed on 2 CPU cores: the small backbone, few rooms and steps."""
+    return SuiteConfig(
+        name="cpu", scenes=8, val_fraction=0.25, views=4, seeds=(0,),
+        train=TrainConfig(epochs=8, batch_size=2, model="small", bn_momentum=0.1, validate=False,
+                          data=DataConfig(voxel_size_m=0.06)),
+        adapt=AdaptConfig(steps=10, lr=1.0, rotations=2, kd_points=4096))
+
+
+def gpu_suite() -> SuiteConfig:
+    """The paper's protocol (appendix C.1): MinkUNet34C, TTT-KD at lr 1.0 for 100 steps, 8 rotations,
+    16,384 KD points; 16 target and 16 training rooms per domain; 3 seeds."""
+    return SuiteConfig(
+        name="gpu", scenes=32, val_fraction=0.5, views=8, seeds=(0, 1, 2), workers=8,
+        train=TrainConfig(epochs=40, batch_size=2, model="minkunet34c", bn_momentum=0.1, validate=False,
+                          data=DataConfig(voxel_size_m=0.04)),
+        adapt=AdaptConfig(steps=100, lr=1.0, rotations=8, kd_points=16384))
+
+
+SUITES = {"cpu": cpu_suite, "gpu": gpu_suite}
+
+
+def slug(row: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-")
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    """Write to a temporary file, then rename: a reader never sees half a cell."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def read_cell(path: Path, protocol: dict) -> dict | None:
+    """A finished cell, or None if there is none (a half-written file counts as none). A cell of
+    another protocol is an error: mixing it into the table would be wrong."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or "result" not in record:
+        return None
+    if record.get("protocol") != protocol:
+        raise ValueError(f"{path}: made with another protocol (suite {record.get('suite')!r}); "
+                         "use another --out for this one")
+    return record
+
+
+def environment() -> dict:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+class Clock:
+    """Stops before a unit of work that would end past `max_minutes`, judging by the longest unit
+    of the same kind so far."""
+
+    def __init__(self, max_minutes: float | None):
+        self.deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+        self.longest: dict[str, float] = {}
+
+    def fits(self, kind: str) -> bool:
+        return self.deadline is None or time.monotonic() + self.longest.get(kind, 0.0) < self.deadline
+
+    def took(self, kind: str, seconds: float) -> None:
+        self.longest[kind] = max(self.longest.get(kind, 0.0), seconds)
+
+
+class OutOfTime(Exception):
+    pass
+
+
+@dataclass
+class SuiteRun:
+    """The outcome of one call of `run_suite`."""
+
+    done: int
+    total: int
+    stopped: bool
+    ran: list[str] = field(default_factory=list)
+    """Cells computed by this call (skipped ones not included)."""
+
+
+class Workspace:
+    """Data, caches and models of the suite, each made on first need (deterministically)."""
+
+    def __init__(self, config: SuiteConfig, work: Path, *, device: str, log, clock: Clock, bars: bool):
+        self.config, self.work, self.device, self.log, self.clock, self.bars = config, work, device, log, clock, bars
+        self.generated: set[int] = set()
+
+    def root(self, domain: str, seed: int) -> Path:
+        return self.work / "data" / f"seed{seed}" / domain
+
+    def cache(self, domain: str, seed: int) -> Path:
+        if seed not in self.generated:  # every domain of a seed at once, in parallel processes
+            domains = ["a"] + [f for f in self.config.families if f != IN_DISTRIBUTION]
+            todo = [d for d in domains if not (self.root(d, seed) / "scannetv2_val.txt").exists()]
+            if todo:
+                self.log(f"seed {seed}: generating rooms of {', '.join(todo)}")
+                kwargs = dict(scenes=self.config.scenes, views=self.config.views, seed=seed,
+                              val_fraction=self.config.val_fraction)
+                # spawned processes import only the generator (numpy, PIL), not torch
+                with ProcessPoolExecutor(min(len(todo), max(1, self.config.workers)), mp_context=get_context("spawn")) as pool:
+                    for future in [pool.submit(generate, self.root(d, seed), domain=d, **kwargs) for d in todo]:
+                        future.result()
+            self.generated.add(seed)
+        store = self.work / "zarr" / f"seed{seed}" / domain
+        if not (store / "zarr.json").exists() or len(FeatureCache(store).scene_ids()) < self.config.scenes:
+            self._unit("extract", f"seed {seed}: extracting {domain} ({self.config.teacher})", lambda: extract_once(
+                self.root(domain, seed), store, workers=self.config.workers, device=self.device,
+                teacher=self.config.teacher, max_views=self.config.max_views, progress=self.bars))
+        return store
+
+    def model(self, domain: str, seed: int, kind: str) -> Path:
+        """`joint` or `source_only` trained on `domain`'s train rooms (the Oracle: `joint` on a family)."""
+        config = replace(self.config.train, seed=seed, workers=self.config.workers, use_kd=kind == "joint")
+        run = self.work / "runs" / f"seed{seed}" / (domain if kind == "joint" else f"{domain}-source-only")
+        cache = self.cache(domain, seed)
+        if (run / "last.pt").exists():
+            from .checkpoint import load_checkpoint
+
+            if load_checkpoint(run / "last.pt")["epoch"] + 1 >= config.epochs:
+                return run / "last.pt"
+        label = {"joint": "Joint-Train", "source_only": "Source-Only"}[kind]
+        return self._unit("train", f"seed {seed}: training {label} on {domain} ({config.model}, {config.epochs} epochs)",
+                          lambda: train_once(cache, run, config, self.device, progress=self.bars))
+
+    def _unit(self, kind: str, message: str, work):
+        if not self.clock.fits(kind):
+            raise OutOfTime(message)
+        self.log(message)
+        start = time.monotonic()
+        result = work()
+        self.clock.took(kind, time.monotonic() - start)
+        return result
+
+
+def cells_of(config: SuiteConfig) -> list[tuple[int, str, str]]:
+    """(seed, family, row) of every cell, in work order."""
+    cells = []
+    for seed in config.seeds:
+        for family in config.families:
+            rows = IN_DISTRIBUTION_ROWS if family == IN_DISTRIBUTION else ORDER
+            cells += [(seed, family, row) for row in rows if row in config.rows]
+    return cells
+
+
+def cell_path(out: Path, seed: int, family: str, row: str) -> Path:
+    return out / "cells" / family / f"seed{seed}" / f"{slug(row)}.json"
+
+
+def run_suite(config: SuiteConfig, out: Path, *, work: Path | None = None, device: str = "cpu",
+              max_minutes: float | None = None, log=print, bars: bool = False, workspace=None) -> SuiteRun:
+    """Compute every missing cell of `config` under `out` (work files under `work`, default
+    out/work); stop cleanly before `max_minutes`. Then write the table, JSON and plots.
+    `workspace`: anything with `cache(domain, seed)`, `model(domain, seed, kind)` and `device`
+    (tests hand in ready-made caches and checkpoints)."""
+    for family in config.families:
+        if family not in FAMILIES + (IN_DISTRIBUTION,):
+            raise ValueError(f"unknown shift family {family!r}; choose from {', '.join(FAMILIES + (IN_DISTRIBUTION,))}")
+    unknown = [row for row in config.rows if row not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    out = Path(out)
+    clock = Clock(max_minutes)
+    space = workspace or Workspace(config, Path(work) if work else out / "work", device=device, log=log, clock=clock,
+                                   bars=bars)
+    protocol = config.protocol()
+    cells = cells_of(config)
+    run = SuiteRun(done=sum(read_cell(cell_path(out, *c), protocol) is not None for c in cells), total=len(cells),
+                   stopped=False)
+    log(f"suite {config.name}: {run.done}/{run.total} cells already done")
+    try:
+        for seed, family, row in cells:
+            path = cell_path(out, seed, family, row)
+            if read_cell(path, protocol) is not None:
+                continue
+            _run_cell(space, config, seed, family, row, path, protocol, clock, log)
+            run.done += 1
+            run.ran.append(str(path.relative_to(out)))
+            log(f"cells done: {run.done}/{run.total}")
+    except OutOfTime as stop:
+        run.stopped = True
+        log(f"stopped before the time limit (next: {stop}); run the same command again to go on")
+    write_summary(out, config)
+    return run
+
+
+def _run_cell(space, config: SuiteConfig, seed: int, family: str, row: str, path: Path, protocol: dict,
+              clock: Clock, log) -> None:
+    method, kind = next((m, k) for r, m, k in ROW_PLAN if r == row)
+    target = "a" if family == IN_DISTRIBUTION else family
+    checkpoint = space.model(family if kind == "oracle" else "a", seed, "joint" if kind == "oracle" else kind)
+    cache = space.cache(target, seed)
+    scene_ids = FeatureCache(cache).scene_ids(split="val")
+    # one class list for every row (paper Table 5; here source and target are both ScanNet-labelled)
+    classes = scored_classes("scannet", FeatureCache(cache).provenance["dataset"])
+    adapt = replace(config.adapt, seed=seed)
+    label = f"seed {seed} · {family} · {row}"
+    start = time.monotonic()
+    if method in PER_SCENE:
+        parts = []
+        for index, scene_id in enumerate(scene_ids):
+            part = path.with_suffix("") / f"{scene_id}.json"
+            record = read_cell(part, protocol)
+            if record is None:
+                if not clock.fits(method):
+                    raise OutOfTime(f"{label}, scene {index + 1}/{len(scene_ids)}")
+                log(f"{label}: scene {index + 1}/{len(scene_ids)} ({scene_id})")
+                began = time.monotonic()
+                result = run_method(row, method, checkpoint, cache, [scene_id], config=adapt, device=space.device,
+                                    classes=classes)
+                clock.took(method, time.monotonic() - began)
+                record = {"protocol": protocol, "result": asdict(result)}
+                write_json_atomic(part, record)
+            parts.append(MethodResult(**record["result"]))
+        result = combine(parts)
+    else:
+        if not clock.fits(method):
+            raise OutOfTime(label)
+        done = []
+
+        def progress(scene_id):
+            done.append(scene_id)
+            log(f"{label}: scene {len(done)}/{len(scene_ids)} ({scene_id})")
+
+        result = run_method(row, method, checkpoint, cache, scene_ids, config=adapt, device=space.device,
+                            classes=classes, progress=progress)
+        clock.took(method, time.monotonic() - start)
+    write_json_atomic(path, {
+        "suite": config.name, "protocol": protocol, "seed": seed, "family": family, "row": row, "method": method,
+        "target_scenes": scene_ids, "classes": classes, "domain": asdict(DOMAINS[target]),
+        "changed": _changed(target), **environment(), "result": asdict(result)})
+
+
+def _changed(domain: str) -> list[str]:
+    from tttkd.pipeline.synth import FAMILY_FIELDS
+
+    return list(FAMILY_FIELDS.get(domain, ()))
+
+
+def combine(parts: list[MethodResult]) -> MethodResult:
+    """One result from results on disjoint scenes: confusions add, mIoU is recomputed from the sum."""
+    steps = sorted(int(s) for s in parts[0].confusion_by_step)
+    confusion = {s: sum(np.asarray(p.confusion_by_step[str(s)] if str(s) in p.confusion_by_step
+                                   else p.confusion_by_step[s]) for p in parts) for s in steps}
+    final = confusion[steps[-1]]
+    names = list(parts[0].iou)
+    first = parts[0]
+    return MethodResult(
+        row=first.row, method=first.method, checkpoint=first.checkpoint, miou=mean_iou(final),
+        iou={n: float(v) for n, v in zip(names, iou_per_class(final))},
+        per_scene_miou={k: v for p in parts for k, v in p.per_scene_miou.items()}, updates=sum(p.updates for p in parts),
+        seconds=sum(p.seconds for p in parts), miou_by_step={s: mean_iou(c) for s, c in confusion.items()},
+        kd_loss_by_step=first.kd_loss_by_step, confusion_by_step={s: c.tolist() for s, c in confusion.items()})
+
+
+# ---- aggregation: table, JSON, plots -------------------------------------------------------------
+
+def load_cells(out: Path) -> list[dict]:
+    """Every finished cell under `out` (half-written ones skipped)."""
+    cells = []
+    for path in sorted((Path(out) / "cells").glob("*/seed*/*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "result" in record:
+            cells.append(record)
+    return cells
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value), in mIoU points."""
+    array = 100 * np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def summarise(cells: list[dict], families: list[str]) -> dict:
+    """{row: {family: {mean, std, n, seeds, by_step}}} over the per-seed cells."""
+    table: dict[str, dict] = {}
+    for row in ROWS:
+        for family in families:
+            mine = sorted((c for c in cells if c["row"] == row and c["family"] == family), key=lambda c: c["seed"])
+            if not mine:
+                continue
+            mean, std = mean_std([c["result"]["miou"] for c in mine])
+            steps = sorted({int(s) for c in mine for s in c["result"]["miou_by_step"]})
+            by_step = {}
+            for s in steps:
+                values = [c["result"]["miou_by_step"][str(s)] for c in mine if str(s) in c["result"]["miou_by_step"]]
+                if len(values) == len(mine):
+                    by_step[s] = mean_std(values)
+            table.setdefault(row, {})[family] = {"mean": mean, "std": std, "n": len(mine),
+                                                 "seeds": [c["seed"] for c in mine], "by_step": by_step}
+    return table
+
+
+def family_title(family: str) -> str:
+    return "none (in-distribution)" if family == IN_DISTRIBUTION else family
+
+
+def markdown_summary(table: dict, families: list[str], *, title: str, seeds: int) -> str:
+    """Rows x families, "mean ± std" in mIoU points; "(n=k)" marks a cell with fewer seeds than asked."""
+    lines = [f"### {title}", "", "| row | " + " | ".join(family_title(f) for f in families) + " |",
+             "|---|" + "---:|" * len(families)]
+    for row in ROWS:
+        if row not in table:
+            continue
+        cells = []
+        for family in families:
+            entry = table[row].get(family)
+            if entry is None:
+                cells.append("-")
+                continue
+            text = f"{entry['mean']:.1f} ± {entry['std']:.1f}"
+            cells.append(text if entry["n"] == seeds else f"{text} (n={entry['n']})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_class_tables(cells: list[dict], families: list[str]) -> str:
+    """Per family, each row's per-class IoU averaged over its seeds (experiment.markdown_table)."""
+    text = []
+    for family in families:
+        mine = [c for c in cells if c["family"] == family]
+        if not mine:
+            continue
+        classes = mine[0]["classes"]
+        results = []
+        for row in ROWS:
+            seeds = [c["result"] for c in mine if c["row"] == row]
+            if seeds:
+                with np.errstate(all="ignore"):
+                    iou = {n: float(np.nanmean([r["iou"].get(n, math.nan) for r in seeds])) if any(
+                        math.isfinite(r["iou"].get(n, math.nan)) for r in seeds) else math.nan for n in classes}
+                results.append(MethodResult(row=row, method=seeds[0]["method"], checkpoint="-",
+                                            miou=float(np.mean([r["miou"] for r in seeds])), iou=iou,
+                                            per_scene_miou={}, updates=0, seconds=0.0))
+        text.append(markdown_table(results, title=f"{family_title(family)}: IoU per class, mean over seeds",
+                                   classes=classes))
+    return "\n".join(text)
+
+
+STYLE = {"Oracle": ("black", "*"), "Source-Only": ("tab:gray", "s"), "Joint-Train": ("tab:brown", "D"),
+         "TENT": ("tab:orange", "^"), "DUA": ("tab:green", "v"), "AdaContrast": ("tab:purple", "P"),
+         "TTT-KD-O": ("tab:cyan", "X"), "TTT-KD": ("tab:blue", "o"), SHUFFLED: ("tab:red", "x")}
+
+
+def plot_family(table: dict, family: str, path: Path) -> bool:
+    """mIoU vs TTT steps for one family: TTT-KD (and its control) as curves with ± std bands, every
+    other row a flat line at its mIoU, each in its own colour and marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {row: table[row][family] for row in ROWS if family in table.get(row, {})}
+    steps = sorted({s for entry in curves.values() for s in entry["by_step"]})
+    if not steps:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for row, entry in curves.items():
+        colour, marker = STYLE[row]
+        if entry["by_step"]:
+            xs = sorted(entry["by_step"])
+            mean = np.array([entry["by_step"][s][0] for s in xs])
+            std = np.array([entry["by_step"][s][1] for s in xs])
+            ax.plot(xs, mean, color=colour, marker=marker, label=row, linewidth=2)
+            ax.fill_between(xs, mean - std, mean + std, color=colour, alpha=0.15)
+        else:
+            ax.plot(steps, [entry["mean"]] * len(steps), color=colour, marker=marker, linestyle="--", linewidth=1,
+                    markersize=5, label=row)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlabel("TTT steps per scene and rotation")
+    ax.set_ylabel("mIoU (%)")
+    n = max(entry["n"] for entry in curves.values())
+    ax.set_title(f"shift family: {family_title(family)} (mean ± std over {n} seed{'s' * (n > 1)})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_summary(out: Path, config: SuiteConfig) -> dict:
+    """results.json, results.md (rows x families, then per-class tables) and one plot per family,
+    from the cells alone."""
+    out = Path(out)
+    cells = [c for c in load_cells(out) if c.get("protocol") == config.protocol()]
+    families = [f for f in config.families if any(c["family"] == f for c in cells)]
+    table = summarise(cells, families)
+    title = (f"embedded domain-shift suite `{config.name}`: mIoU (%) mean ± std over seeds "
+             f"{', '.join(map(str, config.seeds))}")
+    text = markdown_summary(table, families, title=title, seeds=len(config.seeds))
+    (out / "results.md").parent.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text + "\n" + per_class_tables(cells, families))
+    plots = [f"miou_vs_steps_{f}.png" for f in families if plot_family(table, f, out / f"miou_vs_steps_{f}.png")]
+    record = {"suite": config.name, "config": asdict(config), "protocol": config.protocol(), **environment(),
+              "families": {f: {"changed": _changed("a" if f == IN_DISTRIBUTION else f),
+                               "parameters": asdict(DOMAINS["a" if f == IN_DISTRIBUTION else f])} for f in families},
+              "table": table, "plots": plots,
+              "cells": [{k: c[k] for k in ("seed", "family", "row", "method", "device", "date")}
+                        | {"miou": c["result"]["miou"], "miou_by_step": c["result"]["miou_by_step"]} for c in cells]}
+    write_json_atomic(out / "results.json", record)
+    return record
