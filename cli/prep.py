@@ -20,7 +20,7 @@ console = Console()
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="dataset root to write (ScanNet layout)")],
-    domain: Annotated[str, typer.Option(help="a or b: b is out of distribution for a model trained on a")] = "a",
+    domain: Annotated[str, typer.Option(help="a, b, or a shift family of a's rooms: appearance, sensor, geometry, all")] = "a",
     scenes: Annotated[int, typer.Option(help="number of rooms")] = 8,
     seed: Annotated[int, typer.Option(help="random seed; output is deterministic for (seed, domain)")] = 0,
     views: Annotated[int, typer.Option(help="posed RGB-D views per room")] = 8,

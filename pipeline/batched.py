@@ -15,7 +15,9 @@ idle most of the time (issue 8: 24 img/s end to end against 5,600 img/s for ViT-
     scene complete only after all its arrays).
 
 Failures keep `extract_scene`'s contract: bad views are skipped and counted by reason, a bad scene
-comes back failed with one line naming it, and the other scenes go on.
+comes back failed with one line naming it, and the other scenes go on. A decoding or writing
+process that dies breaks its pool: the BrokenExecutor raises out of `extract_scenes`, and the
+caller, which owns the pools, replaces them (job.py).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ once more (the local cluster's allowed-failures is 1); if that worker dies too, 
 reported failed (dask's KilledWorker), left incomplete in the store, and the other scenes go on.
 
 On CUDA a task is a group of scenes run by the fast path (`batched.py`: teacher batches across
-scenes, decoding and writing in process pools that live as long as the worker); `gpus=N` starts
-one worker per GPU of this machine, worker i on cuda:i, and spreads the groups over them. A killed
-worker then takes its group's scenes with it (retried once, as one scene is).
+scenes, decoding and writing in process pools that live as long as the worker, or until one of
+their processes dies: then the group's unwritten scenes fail and the next group starts new pools);
+`gpus=N` starts one worker per GPU of this machine, worker i on cuda:i, and spreads the groups over
+them. A killed worker then takes its group's scenes with it (retried once, as one scene is).
 """
 
 from __future__ import annotations
@@ -67,10 +68,17 @@ def _worker_device(device: str, gpus: int | None) -> str:
 
 def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, device: str, gpus: int | None,
                  decoders: int, store: Path, split: str | None) -> list[SceneResult]:
-    """A group of scenes through the fast path (one stream of teacher batches across them)."""
+    """A group of scenes through the fast path (one stream of teacher batches across them).
+
+    A failure midway fails only the scenes not yet yielded: those before it are written and marked
+    complete. A decoding or writing process that dies (OOM killer, SIGBUS on a full /dev/shm) breaks
+    its pool for good, so the worker's pools are dropped and the next group starts new ones."""
+    from concurrent.futures import BrokenExecutor
+
     from .batched import extract_scenes, process_pool
 
     start = time.perf_counter()
+    results: list[SceneResult] = []
     try:
         device = _worker_device(device, gpus)
         if torch.device(device).index is not None:
@@ -79,11 +87,25 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
         if not _worker_pools:  # for the worker's life: starting processes costs seconds
             _worker_pools.update(decode=process_pool(decoders), write=process_pool(max(1, decoders // 2)))
         reader = make_reader(config.dataset, config.root, config.reader_options)
-        return list(extract_scenes(reader, scene_ids, teacher=teacher, config=config, store=store, split=split,
-                                   pool=_worker_pools["decode"], writers=_worker_pools["write"]))
+        for result in extract_scenes(reader, scene_ids, teacher=teacher, config=config, store=store, split=split,
+                                     pool=_worker_pools["decode"], writers=_worker_pools["write"]):
+            results.append(result)
+        return results
     except Exception as e:  # a batch job records every failure and goes on with the other groups
-        return [SceneResult(s, "failed", reason=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - start)
-                for s in scene_ids]
+        reason = f"{type(e).__name__}: {e}"
+        if isinstance(e, BrokenExecutor):  # process.BrokenProcessPool is one
+            _drop_worker_pools()
+            reason = f"a decoding/writing process died ({reason})"
+        yielded = {r.scene_id for r in results}
+        return results + [SceneResult(s, "failed", reason=f"scene {s}: {reason}", seconds=time.perf_counter() - start)
+                          for s in scene_ids if s not in yielded]
+
+
+def _drop_worker_pools() -> None:
+    """Shut the worker's pools down (a broken pool never recovers) so the next group starts new ones."""
+    for pool in _worker_pools.values():
+        pool.shutdown(wait=False, cancel_futures=True)
+    _worker_pools.clear()
 
 
 @dataclass

@@ -20,9 +20,12 @@ positive), so refitting the same sample writes the same bytes.
 
 `tttkd-prep extract --feature-codec pca-int8` needs features before it has a basis: the first run
 into a new store extracts into an fp16 staging store beside it (`<out>.fp16-staging`), fits the
-basis on it and recodes it (cache.recode); the staging store is removed once every scene of the run
-is in the final store (kept otherwise, so a re-run extracts only what failed). Runs into an existing
-`pca-int8` store project each new scene onto the stored basis directly.
+basis on it and recodes it (cache.recode) into `out`. Runs into an existing `pca-int8` store
+project each new scene onto the stored basis directly. If the first run has failed scenes, `out`
+still holds the recoded scenes that succeeded, and the staging store is kept (their fp16 features);
+a re-run then finds the `pca-int8` store at `out` and extracts only what failed, straight into it
+on the basis fitted without those scenes (see below; fp16 then `tttkd-prep recode` fits on all).
+The staging store is removed by the first run, first or later, that has no failed scene.
 
 A basis keeps what it was fitted on: on the embedded rooms (EfficientNet-Lite0, D = 472, K = 256)
 the mean per-point cosine to the fp16 feature is 0.9987 for rooms in the fit and 0.968 for a room
@@ -117,7 +120,10 @@ def extract_pca(config, *, out: Path, scene_ids: list[str] | None = None, split:
             raise CacheError(f"{out}: was written with feature_codec={stored.get('feature_codec')!r}, "
                              f"pca_dims={stored.get('pca_dims')!r}, this run has 'pca-int8', {config.pca_dims}; "
                              "write to another --out")
-        return run_extraction(config, out=out, scene_ids=scene_ids, split=split, **run)
+        report = run_extraction(config, out=out, scene_ids=scene_ids, split=split, **run)
+        if not report.failed:  # the staging store a first run with failures kept has served its purpose
+            shutil.rmtree(staging_path(out), ignore_errors=True)
+        return report
     staging = staging_path(out)
     report = run_extraction(replace(config, feature_codec="fp16", pca_dims=None), out=staging, scene_ids=scene_ids,
                             split=split, **run)

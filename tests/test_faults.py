@@ -289,3 +289,56 @@ def test_two_extract_commands_share_one_store(root, tmp_path):
     loser = logs[1 - winner].read_text()
     assert codes[1 - winner] == 1 and "failed scene0002_00" in loser and "another split" in loser, loser[-3000:]
     assert c.root.attrs["last_run"]["done"] and set(c.root.attrs["last_run"]["done"]) <= set(IDS)
+
+
+class _Pool:
+    """Stands in for a worker's process pool: records its shutdown."""
+
+    def __init__(self):
+        self.shutdown_with = None
+
+    def shutdown(self, **kwargs):
+        self.shutdown_with = kwargs
+
+
+@pytest.mark.parametrize("error", ["RuntimeError", "BrokenProcessPool"])
+def test_a_group_failing_midway_keeps_its_written_scenes_and_drops_broken_pools(tmp_path, monkeypatch, error):
+    """The fast path's group task: a failure after one scene was written fails only the scenes not yet
+    yielded; a dead decoding/writing process (BrokenProcessPool) also drops the worker's cached pools,
+    so the worker's next group starts new ones instead of failing at once."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tttkd.pipeline import batched, job
+    from tttkd.pipeline.extract import SceneResult
+
+    made: list[_Pool] = []
+    monkeypatch.setattr(job, "_worker_pools", {})
+    monkeypatch.setattr(job, "_teacher_on_worker", lambda *a: None)
+    monkeypatch.setattr(job, "make_reader", lambda *a: None)
+    monkeypatch.setattr(batched, "process_pool", lambda n: made.append(_Pool()) or made[-1])
+    fail = {"RuntimeError": RuntimeError("teacher blew up"), "BrokenProcessPool": BrokenProcessPool("child died")}
+
+    def extract_scenes(reader, scene_ids, *, pool, writers, **kwargs):
+        assert (pool, writers) == (job._worker_pools["decode"], job._worker_pools["write"])
+        yield SceneResult(scene_ids[0], "done", num_views=2)
+        if scene_ids[0] == IDS[0]:
+            raise fail[error]
+        yield from (SceneResult(s, "done", num_views=2) for s in scene_ids[1:])
+
+    monkeypatch.setattr(batched, "extract_scenes", extract_scenes)
+    task = dict(config=PrepConfig(dataset="scannet", root=tmp_path, teacher="efficientnet_lite0"), weights=None,
+                device="cpu", gpus=None, decoders=2, store=tmp_path / "store.zarr", split="train")
+    results = job._scenes_task(IDS, **task)
+    assert [(r.scene_id, r.status) for r in results] == [(IDS[0], "done"), (IDS[1], "failed"), (IDS[2], "failed")]
+    for r in results[1:]:
+        assert r.reason.startswith(f"scene {r.scene_id}: ") and "\n" not in r.reason
+        assert ("a decoding/writing process died" in r.reason) == (error == "BrokenProcessPool"), r.reason
+    first = made[:2]
+    if error == "BrokenProcessPool":
+        assert job._worker_pools == {}
+        assert all(p.shutdown_with == {"wait": False, "cancel_futures": True} for p in first)
+    else:  # the pools are fine: the worker keeps them
+        assert list(job._worker_pools.values()) == first and all(p.shutdown_with is None for p in first)
+    again = job._scenes_task(["scene0003_00", "scene0004_00"], **task)
+    assert [r.status for r in again] == ["done", "done"]
+    assert len(made) == (4 if error == "BrokenProcessPool" else 2)

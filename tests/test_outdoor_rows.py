@@ -95,6 +95,16 @@ def test_the_2d_head_fits_its_source_points_well_above_chance_and_is_refused_for
     with pytest.raises(ValueError, match="not the model's"):
         load_head2d(path, class_names=names[::-1], target_provenance=FeatureCache(target).provenance,
                     cache_path=target, device="cpu")
+    # a damaged file, or a model checkpoint in its place: one line naming the file, no traceback
+    broken = path.with_name("broken.pt")
+    broken.write_bytes(path.read_bytes()[:200])
+    other_file = path.with_name("model.pt")
+    torch.save({"model": {}, "class_names": names}, other_file)
+    for bad, why in ((broken, "not a readable 2D head"), (other_file, "not a 2D head")):
+        with pytest.raises(ValueError, match=why) as error:
+            load_head2d(bad, class_names=names, target_provenance=FeatureCache(target).provenance,
+                        cache_path=target, device="cpu")
+        assert str(bad) in str(error.value) and "\n" not in str(error.value)
 
 
 def bn_names(module: nn.Module, *parts: str) -> set[str]:

@@ -171,8 +171,11 @@ def test_extract_pca_stages_fp16_then_a_rerun_projects_onto_the_stored_basis(syn
     first = FeatureCache(out)
     assert first.root.attrs["last_run"]["done"] == ["scene0000_00"]  # the run's record follows the recode
     sha = first.provenance["pca_basis_sha256"]
+    # what a first run with a failed scene leaves beside `out`: the first run without failures removes it
+    (tmp_path / "p.zarr.fp16-staging" / "scenes").mkdir(parents=True)
     result = runner.invoke(app, common + ["--scenes", "scene0001_00"])  # no staging: the stored basis
     assert result.exit_code == 0, result.output
+    assert not (tmp_path / "p.zarr.fp16-staging").exists()
     cache, fp16 = FeatureCache(out), FeatureCache(synth_cache)
     assert cache.scene_ids() == ["scene0000_00", "scene0001_00"] and cache.provenance["pca_basis_sha256"] == sha
     stored, reference = cache.read("scene0001_00"), fp16.read("scene0001_00")

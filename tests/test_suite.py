@@ -139,6 +139,49 @@ def test_presets_follow_the_protocol():
     assert cpu_suite().train.model == "small" and cpu_suite().protocol() != gpu.protocol()
 
 
+def test_configs_that_differ_never_share_data_caches_or_models_in_one_work_folder(synth_cache, joint_checkpoint,
+                                                                                 tmp_path):
+    from tttkd.suite import Clock, Workspace, gpu_suite
+
+    def paths(config):
+        space = Workspace(config, tmp_path, device="cpu", log=lambda m: None, clock=Clock(None), bars=False)
+        return (space.root("a", 0), space.store("a", 0), space.run_dir("a", 0, "joint"),
+                space.run_dir("a", 0, "source_only"))
+
+    base = cpu_suite()
+    same = paths(replace(base, workers=7, train=replace(base.train, workers=5)))  # workers change no result
+    assert same == paths(base) and len(set(same)) == 4
+    data, store, joint, source_only = paths(base)
+    # another teacher or max_views: same generated rooms, another cache and other models
+    for other in (replace(base, teacher="efficientnet_lite2"), replace(base, max_views=2)):
+        o_data, o_store, o_joint, o_source_only = paths(other)
+        assert o_data == data and o_store != store and {o_joint, o_source_only}.isdisjoint({joint, source_only})
+    # other rooms, or another training config: nothing (or only the models) shared
+    for other in (replace(base, scenes=9), replace(base, views=5), replace(base, val_fraction=0.5), gpu_suite()):
+        assert set(paths(other)).isdisjoint(paths(base))
+    o_data, o_store, o_joint, _ = paths(replace(base, train=replace(base.train, epochs=9)))
+    assert (o_data, o_store) == (data, store) and o_joint != joint
+    assert all(tmp_path in p.parents for p in paths(replace(base, teacher="../../evil")))
+
+    # files put where they do not belong are refused before reuse: a lite0 cache under lite2's key,
+    # a checkpoint of another training config under this config's run
+    config = replace(base, scenes=3, teacher="efficientnet_lite2")
+    space = Workspace(config, tmp_path, device="cpu", log=lambda m: None, clock=Clock(None), bars=False)
+    space.generated.add(0)  # the rooms count as generated: no generation here
+    shutil.copytree(synth_cache, space.store("a", 0))
+    with pytest.raises(ValueError, match="a cache of .*efficientnet_lite0"):
+        space.cache("a", 0)
+    space = Workspace(replace(config, teacher="efficientnet_lite0"), tmp_path, device="cpu", log=lambda m: None,
+                      clock=Clock(None), bars=False)
+    space.generated.add(0)
+    shutil.copytree(synth_cache, space.store("a", 0))
+    assert space.cache("a", 0) == space.store("a", 0)  # a matching, complete cache is reused as it is
+    space.run_dir("a", 0, "joint").mkdir(parents=True)
+    shutil.copy(joint_checkpoint, space.run_dir("a", 0, "joint") / "last.pt")
+    with pytest.raises(ValueError, match="trained with another config"):
+        space.model("a", 0, "joint")
+
+
 def test_demo_table_fits_100_columns_and_gives_the_change_against_source_only():
     from tttkd.cli.demo import short_table
 

@@ -107,8 +107,15 @@ def test_planned_targets_are_the_ones_drawn_step_by_step(room, shuffle):
     a = adapter(True, shuffle_targets=shuffle)
     view = rotated(room, 0.0, DATA, "cpu")
     voxels, rows = a.plan_targets(room, view, np.random.default_rng(3), steps=3)
+    # the draw the step-by-step sampler has always made (the random stream of earlier results):
+    # rows without replacement, then a permutation of them as targets when shuffling
     rng = np.random.default_rng(3)
+    seen = len(room.seen_index)
     for step in range(3):
-        kd_voxel, kd_target = a.sample_targets(room, view, rng)
-        assert torch.equal(voxels[step], kd_voxel) and torch.equal(room.feature[rows[step]], kd_target)
+        trained = rng.choice(seen, size=min(a.config.kd_points, seen), replace=False)
+        targets = rng.permutation(trained) if shuffle else trained
+        point_voxel = view.point_to_voxel[torch.from_numpy(room.seen_index[trained])]
+        assert torch.equal(voxels[step], point_voxel) and torch.equal(rows[step], torch.from_numpy(targets))
     assert not torch.equal(voxels[0], voxels[1])
+    kd_voxel, kd_target = a.sample_targets(room, view, np.random.default_rng(3))
+    assert torch.equal(kd_voxel, voxels[0]) and torch.equal(kd_target, room.feature[rows[0]])

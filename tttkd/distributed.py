@@ -17,6 +17,7 @@ LOCAL_RANK) or `tttkd train --gpus N` (`launch` spawns the processes).
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -36,8 +37,11 @@ def rank_and_size() -> tuple[int, int]:
 def init(rank: int, world_size: int, *, backend: str) -> None:
     """Join the process group (MASTER_ADDR/MASTER_PORT from the environment)."""
     global _bn_group
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
-    _bn_group = dist.new_group(backend=backend)
+    # rank 0 validates and saves while the others wait in the next collective: NCCL's default
+    # 10 minutes would abort a long validation
+    timeout = datetime.timedelta(hours=2)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    _bn_group = dist.new_group(backend=backend, timeout=timeout)
 
 
 def init_from_env(device: str) -> tuple[int, int, str]:

@@ -57,7 +57,8 @@ class CapturedStep:
                 self.loss = step(rotated_scene, self.kd_voxel, self.kd_target)
         except RuntimeError as error:  # e.g. a library synchronising inside the step
             _capture_failed = True
-            self.graph = None
+            self.graph = None  # and hold no scene: a failed capture must not keep its voxels alive
+            self.rotated_scene = self.voxels = self.kd_voxel = self.kd_target = None
             warnings.warn(f"the TTT step could not be captured as a CUDA graph ({str(error).splitlines()[0]}); "
                           "running it eagerly (AdaptConfig.cuda_graph=False skips the attempt)", RuntimeWarning)
 

@@ -26,6 +26,7 @@ checkpoint's is.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,7 +158,13 @@ def load_head2d(path: Path, *, class_names: list[str], target_provenance: dict, 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no 2D head here; xMUDA and MM-TTA need one: `tttkd adapt --method xmuda` "
                                 "fits it from the source cache (--source-cache)")
-    stored = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        stored["class_names"], stored["teacher"], stored["feature_dim"], stored["config"]["hidden"], stored["head"]
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable 2D head ({str(e).splitlines()[0]}); refit it with `tttkd adapt --method xmuda`") from e
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a 2D head (no {e}); refit it with `tttkd adapt --method xmuda`") from e
     if list(stored["class_names"]) != list(class_names):
         raise ValueError(f"{path}: a 2D head of the classes {stored['class_names']}, not the model's; refit it")
     check_teacher(stored["teacher"], target_provenance, cache_path=cache_path)

@@ -14,12 +14,14 @@ with shuffled teacher targets (must not help).
 Resumable: a cell is written atomically (temporary file, then rename) and a rerun skips every
 finished cell of the same protocol; offline TTT-KD, whose scenes are independent, also saves each
 scene, so a cell longer than one device call still advances. Data, caches and checkpoints live in a
-separate work folder and are rebuilt deterministically when missing. `max_minutes` stops before a
+separate work folder, under paths keyed by what they depend on (`Workspace`), and are rebuilt
+deterministically when missing. `max_minutes` stops before a
 unit of work that would not fit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -173,14 +175,48 @@ class SuiteRun:
 
 
 class Workspace:
-    """Data, caches and models of the suite, each made on first need (deterministically)."""
+    """Data, caches and models of the suite, each made on first need (deterministically).
+
+    Every path names what its content depends on, so configs that differ (teacher, max_views,
+    rooms, views, val_fraction, training) never reuse each other's files in one work folder:
+
+        data/s{scenes}-v{views}-f{val_fraction}/seed{s}/{domain}
+        zarr/<data key>/{teacher}-mv{max_views}/seed{s}/{domain}
+        runs/<data key>/<cache key>/train-{hash of the training config}/seed{s}/{domain}[-source-only]
+
+    Before reuse the store's provenance and the checkpoint's training config are checked too (a
+    file moved or made by hand is refused, not silently used)."""
 
     def __init__(self, config: SuiteConfig, work: Path, *, device: str, log, clock: Clock, bars: bool):
         self.config, self.work, self.device, self.log, self.clock, self.bars = config, work, device, log, clock, bars
         self.generated: set[int] = set()
 
+    def data_key(self) -> str:
+        return f"s{self.config.scenes}-v{self.config.views}-f{self.config.val_fraction:g}"
+
+    def cache_key(self) -> str:
+        views = "all" if self.config.max_views is None else self.config.max_views
+        return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', self.config.teacher)}-mv{views}"
+
+    def train_key(self) -> str:
+        """A short hash of the training config (seed and use_kd are per run, workers change no result)."""
+        record = asdict(self.config.train)
+        for key in ("workers", "seed", "use_kd"):
+            record.pop(key)
+        return "train-" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
+
     def root(self, domain: str, seed: int) -> Path:
-        return self.work / "data" / f"seed{seed}" / domain
+        return self.work / "data" / self.data_key() / f"seed{seed}" / domain
+
+    def store(self, domain: str, seed: int) -> Path:
+        return self.work / "zarr" / self.data_key() / self.cache_key() / f"seed{seed}" / domain
+
+    def run_dir(self, domain: str, seed: int, kind: str) -> Path:
+        name = domain if kind == "joint" else f"{domain}-source-only"
+        return self.work / "runs" / self.data_key() / self.cache_key() / self.train_key() / f"seed{seed}" / name
+
+    def train_config(self, seed: int, kind: str) -> TrainConfig:
+        return replace(self.config.train, seed=seed, workers=self.config.workers, use_kd=kind == "joint")
 
     def cache(self, domain: str, seed: int) -> Path:
         if seed not in self.generated:  # every domain of a seed at once, in parallel processes
@@ -195,7 +231,13 @@ class Workspace:
                     for future in [pool.submit(generate, self.root(d, seed), domain=d, **kwargs) for d in todo]:
                         future.result()
             self.generated.add(seed)
-        store = self.work / "zarr" / f"seed{seed}" / domain
+        store = self.store(domain, seed)
+        if (store / "zarr.json").exists():
+            provenance = FeatureCache(store).provenance
+            found = {key: provenance.get(key) for key in ("teacher", "max_views")}
+            wanted = {"teacher": self.config.teacher, "max_views": self.config.max_views}
+            if found != wanted:
+                raise ValueError(f"{store}: a cache of {found}, not {wanted}; delete it or use another --work")
         if not (store / "zarr.json").exists() or len(FeatureCache(store).scene_ids()) < self.config.scenes:
             self._unit("extract", f"seed {seed}: extracting {domain} ({self.config.teacher})", lambda: extract_once(
                 self.root(domain, seed), store, workers=self.config.workers, device=self.device,
@@ -204,13 +246,17 @@ class Workspace:
 
     def model(self, domain: str, seed: int, kind: str) -> Path:
         """`joint` or `source_only` trained on `domain`'s train rooms (the Oracle: `joint` on a family)."""
-        config = replace(self.config.train, seed=seed, workers=self.config.workers, use_kd=kind == "joint")
-        run = self.work / "runs" / f"seed{seed}" / (domain if kind == "joint" else f"{domain}-source-only")
+        config = self.train_config(seed, kind)
+        run = self.run_dir(domain, seed, kind)
         cache = self.cache(domain, seed)
         if (run / "last.pt").exists():
             from .checkpoint import load_checkpoint
 
-            if load_checkpoint(run / "last.pt")["epoch"] + 1 >= config.epochs:
+            checkpoint = load_checkpoint(run / "last.pt")
+            if _comparable(checkpoint.get("train_config")) != _comparable(asdict(config)):
+                raise ValueError(f"{run / 'last.pt'}: trained with another config than this suite's; "
+                                 "delete the run or use another --work")
+            if checkpoint["epoch"] + 1 >= config.epochs:
                 return run / "last.pt"
         label = {"joint": "Joint-Train", "source_only": "Source-Only"}[kind]
         return self._unit("train", f"seed {seed}: training {label} on {domain} ({config.model}, {config.epochs} epochs)",
@@ -224,6 +270,15 @@ class Workspace:
         result = work()
         self.clock.took(kind, time.monotonic() - start)
         return result
+
+
+def _comparable(train_config: dict | None) -> dict | None:
+    """A training config as JSON would give it back (tuples as lists), without `workers`."""
+    if train_config is None:
+        return None
+    record = json.loads(json.dumps(train_config))
+    record.pop("workers", None)
+    return record
 
 
 def cells_of(config: SuiteConfig) -> list[tuple[int, str, str]]:
