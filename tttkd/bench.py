@@ -11,7 +11,7 @@ import torch
 from tttkd.pipeline.bench import sync as _sync
 from tttkd.pipeline.cache import FeatureCache
 
-from .data import CacheDataset, in_channels, make_loader
+from .data import CacheDataset, in_channels, kd_basis, make_loader
 from .model import build_model, model_config
 from .train import TrainConfig, batch_losses, make_optimizer
 
@@ -32,7 +32,7 @@ def bench_train(cache_path, config: TrainConfig, *, steps: int = 20, warmup: int
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     dataset = CacheDataset(cache_path, scene_ids, config.data, train=True, seed=config.seed,
                            memory_mb=config.memory_mb, reference=config.reference_input)
-    basis = None if cache.basis is None else torch.from_numpy(cache.basis).to(device)
+    basis = kd_basis(cache, device)
     waits, computes, voxels, epoch = [], [], [], 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -38,6 +38,12 @@ class DataConfig:
     augment: AugmentConfig = AugmentConfig()
 
 
+def kd_basis(cache: FeatureCache, device) -> torch.Tensor | None:
+    """A pca-int8 cache's (D, K) basis on `device`, which `kd_loss` needs with its targets (the
+    coefficients); None for fp16 and int8 caches, whose targets are the features themselves."""
+    return None if cache.basis is None else torch.from_numpy(cache.basis).to(device)
+
+
 def in_channels(input_features: str) -> int:
     return {"color_normal": 6, "xyz": 3}[input_features]
 

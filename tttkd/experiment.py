@@ -28,6 +28,7 @@ from tttkd.pipeline.manifests import shared_classes
 from .adapt import AdaptConfig, TTTKD, load_target_scene, rotated, rotation_angles, ttt_kd_offline
 from .baselines import MMTTA, AdaContrast, Dua, Tent, XMuda
 from .checkpoint import check_teacher, data_config_of, load_checkpoint, model_from_checkpoint
+from .data import kd_basis
 from .evaluate import export_ply
 from .metrics import SharedLabels, iou_per_class, mean_iou
 
@@ -144,13 +145,13 @@ def run_method(row: str, method: str, checkpoint_path: Path, cache_path: Path, s
     adapter = {"none": None, "ttt-kd": TTTKD, "ttt-kd-o": TTTKD, "tent": Tent, "dua": Dua, "adacontrast": AdaContrast,
                "xmuda": XMuda, "mm-tta": MMTTA}[method]
     if adapter is TTTKD:
-        adapter = TTTKD(model, config, basis=None if cache.basis is None else torch.from_numpy(cache.basis).to(device))
+        adapter = TTTKD(model, config, basis=kd_basis(cache, device))
     elif adapter in (XMuda, MMTTA):
         from .head2d import head2d_path, load_head2d
 
         head = load_head2d(head2d or head2d_path(checkpoint_path), class_names=source_names,
                            target_provenance=provenance, cache_path=cache_path, device=device)
-        adapter = adapter(model, head, basis=None if cache.basis is None else torch.from_numpy(cache.basis).to(device))
+        adapter = adapter(model, head, basis=kd_basis(cache, device))
     elif adapter is not None:
         adapter = adapter(model)
     for index, scene_id in enumerate(scene_ids):

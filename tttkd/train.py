@@ -20,7 +20,7 @@ from tttkd.pipeline.cache import FeatureCache
 
 from . import distributed
 from .checkpoint import check_classes, check_teacher, load_checkpoint, teacher_of
-from .data import CacheDataset, DataConfig, in_channels, make_loader
+from .data import CacheDataset, DataConfig, in_channels, kd_basis, make_loader
 from .evaluate import evaluate
 from .loss import kd_loss, segmentation_loss
 from .model import build_model, model_config, sparse_input
@@ -149,7 +149,7 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                            num_classes=len(class_names), kd_dim=provenance["feature_dim"] if config.use_kd else None,
                            bn_momentum=config.bn_momentum)
     model = build_model(mconfig, device=device)
-    basis = None if cache.basis is None else torch.from_numpy(cache.basis).to(device)
+    basis = kd_basis(cache, device)
     if world_size > 1:
         model = distributed.convert_batch_norm(model)
     dataset = CacheDataset(cache_path, scene_ids, config.data, train=True, seed=config.seed,
