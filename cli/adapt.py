@@ -49,6 +49,8 @@ def adapt(
     export_ply: Annotated[bool, typer.Option(help="write per-scene predictions as PLY")] = False,
     gpus: Annotated[int, typer.Option(help="processes (one per GPU; CPU processes with --device cpu) that share the "
                                            "scenes of TTT-KD and the unadapted rows; online methods run in one")] = 1,
+    tf32: Annotated[bool, typer.Option(help="TTT-KD's fp32 products on TF32 tensor cores (CUDA; about half the "
+                                             "kernel time; check the adapted mIoU against a run without it)")] = False,
     device: DeviceOpt = None,
 ):
     """Adapt a trained model to each target scene, predict, and compare with the baselines."""
@@ -59,7 +61,7 @@ def adapt(
     from tttkd.experiment import METHODS, MULTIMODAL, plan_rows, run_method, scored_classes, target_scene_ids, write_results
     from tttkd.pipeline.cache import FeatureCache
     from tttkd.pipeline.job import default_device
-    from tttkd.pipeline.manifests import paper_results
+    from tttkd.pipeline.manifests import paper_label, paper_results
 
     joint, cache = resolve(source, target, checkpoint=checkpoint, cache=cache)
     out = out or Path("results") / f"{source}-to-{target}"
@@ -74,7 +76,7 @@ def adapt(
         given = {name for name in PRESETS[preset] if ctx.get_parameter_source(name).name != "DEFAULT"}
         steps, lr, rotations = (value if name in given else PRESETS[preset][name]
                                 for name, value in (("steps", steps), ("lr", lr), ("rotations", rotations)))
-    config = AdaptConfig(steps=steps, lr=lr, rotations=rotations, stride=stride, kd_points=kd_points)
+    config = AdaptConfig(steps=steps, lr=lr, rotations=rotations, stride=stride, kd_points=kd_points, tf32=tf32)
     try:
         for path in filter(None, (joint, source_only, oracle)):
             if not path.is_file():
@@ -105,6 +107,7 @@ def adapt(
         fail(str(e))
     table = write_results(results, out, title=f"{source} -> {target} ({len(scene_ids)} {split} scenes)",
                           classes=classes, config=config, paper=paper_results(source_dataset, target_dataset),
+                          paper_label=paper_label(source_dataset, target_dataset),
                           setup={"source": source, "source_dataset": source_dataset, "target": target,
                                  "split": split, "checkpoint": str(joint),
                                  "source_only": str(source_only), "oracle": str(oracle), "cache": str(cache)})

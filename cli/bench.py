@@ -159,6 +159,7 @@ def ttt(
     kd_points: Annotated[int, typer.Option(help="KD targets per step (paper: 16384)")] = 16384,
     protocol_rotations: Annotated[int, typer.Option(
         help="rotations of the offline protocol (100 steps each) to time per size and path, scaled to 8; 0: skip")] = 1,
+    tf32: Annotated[bool, typer.Option(help="also time the fast path on TF32 tensor cores (CUDA)")] = False,
     device: DeviceOpt = None,
     out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-ttt.json"),
 ):
@@ -170,10 +171,10 @@ def ttt(
     from tttkd.pipeline.job import default_device
 
     rows = bench_ttt(tuple(int(s) for s in sizes.split(",")), model=model, steps=steps, kd_points=kd_points,
-                     device=device or default_device(), protocol_rotations=protocol_rotations)
+                     device=device or default_device(), protocol_rotations=protocol_rotations, tf32=tf32)
     table = Table(title=f"tttkd bench ttt: {model} on {rows[0]['device']}, {kd_points} KD points")
     columns = ("voxels", "ms / step ref", "ms / step fast", "speed-up", "peak GB ref", "peak GB fast",
-               "s / scene ref", "s / scene fast")
+               "s / scene ref", "s / scene fast") + (("ms / step tf32", "s / scene tf32") if tf32 else ())
     for column in columns:
         table.add_column(column, justify="right")
     number = lambda value, form: "-" if value is None else format(value, form)
@@ -181,7 +182,8 @@ def ttt(
         table.add_row(str(r["voxels"]), f"{r['ms_per_step_reference']:.1f}", f"{r['ms_per_step_fast']:.1f}",
                       f"{r['ms_per_step_reference'] / r['ms_per_step_fast']:.1f}x",
                       number(r["peak_gpu_mem_gb_reference"], ".2f"), number(r["peak_gpu_mem_gb_fast"], ".2f"),
-                      number(r.get("protocol_s_reference"), ".1f"), number(r.get("protocol_s_fast"), ".1f"))
+                      number(r.get("protocol_s_reference"), ".1f"), number(r.get("protocol_s_fast"), ".1f"),
+                      *((f"{r['ms_per_step_tf32']:.1f}", number(r.get("protocol_s_tf32"), ".1f")) if tf32 else ()))
     console.print(table)
     out.write_text(json.dumps(rows, indent=1))
     console.print(f"wrote {out}")
@@ -199,16 +201,19 @@ def accuracy(
     voxel: Annotated[float, typer.Option(help="voxel size in metres")] = 0.06,
     workers: Annotated[int, typer.Option(help="Dask and data-loading workers")] = 2,
     device: DeviceOpt = None,
-    suite: Annotated[Optional[str], typer.Option(help="cpu or gpu: the shift-family suite with this protocol "
+    suite: Annotated[Optional[str], typer.Option(help="cpu, gpu (indoor shift families) or outdoor (16- -> 64-beam "
+                                                      "streets, Table 2's rows): the suite with this protocol "
                                                       "preset (then --scenes ... --voxel are not used)")] = None,
-    families: Annotated[str, typer.Option(help="suite: shift families, comma-separated (none: in-distribution)")] =
-        "appearance,sensor,geometry,all,none",
+    families: Annotated[Optional[str], typer.Option(help="suite: shift families, comma-separated (none: in-distribution; "
+                                                         "default: the preset's)")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="suite: seeds, comma-separated (default: the preset's)")] = None,
     rows: Annotated[Optional[str], typer.Option(help="suite: rows, comma-separated (default: all)")] = None,
     teacher: Annotated[str, typer.Option(help="suite: efficientnet_lite0/1/2 (teacher ablation)")] = "efficientnet_lite0",
     max_views: Annotated[Optional[int], typer.Option(help="suite: views per scene in the cache (ablation)")] = None,
     work: Annotated[Optional[Path], typer.Option(help="suite: folder for data, caches, models (default OUT/work)")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help="suite: stop cleanly before this many minutes")] = None,
+    jobs: Annotated[int, typer.Option(help="suite: processes on the device sharing the scenes of an offline TTT-KD "
+                                           "cell (a GPU runs 2-4 at once; results do not change)")] = 1,
 ):
     """The embedded domain-shift experiment. With --suite: every row on every shift family and seed,
     each cell saved as it finishes (a rerun resumes), then results.md (rows x families, mean ± std),
@@ -221,7 +226,7 @@ def accuracy(
 
     if suite is not None:
         _accuracy_suite(suite, out=out, families=families, seeds=seeds, rows=rows, teacher=teacher,
-                        max_views=max_views, workers=workers, work=work, max_minutes=max_minutes,
+                        max_views=max_views, workers=workers, work=work, max_minutes=max_minutes, jobs=jobs,
                         device=device or default_device())
         return
 
@@ -240,8 +245,8 @@ def accuracy(
     console.print(f"wrote {out / 'results.md'}")
 
 
-def _accuracy_suite(name: str, *, out: Path, families: str, seeds: str | None, rows: str | None, teacher: str,
-                    max_views: int | None, workers: int, work: Path | None, max_minutes: float | None,
+def _accuracy_suite(name: str, *, out: Path, families: str | None, seeds: str | None, rows: str | None, teacher: str,
+                    max_views: int | None, workers: int, work: Path | None, max_minutes: float | None, jobs: int,
                     device: str) -> None:
     from dataclasses import replace
 
@@ -254,9 +259,12 @@ def _accuracy_suite(name: str, *, out: Path, families: str, seeds: str | None, r
         seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else config.seeds
     except ValueError:
         fail(f"--seeds {seeds!r}: give integers, comma-separated")
-    config = replace(config, families=tuple(f.strip() for f in families.split(",") if f.strip()), seeds=seed_list,
+    if jobs < 1:
+        fail(f"--jobs {jobs}: give at least 1")
+    config = replace(config, families=tuple(f.strip() for f in families.split(",") if f.strip()) if families
+                     else config.families, seeds=seed_list,
                      rows=tuple(r.strip() for r in rows.split(",")) if rows else config.rows, teacher=teacher,
-                     max_views=max_views, workers=max(workers, config.workers))  # the gpu preset: at least 8
+                     max_views=max_views, workers=max(workers, config.workers), jobs=jobs)  # gpu presets: >= 8 workers
     try:
         run = run_suite(config, out, work=work, device=device, max_minutes=max_minutes,
                         log=lambda m: console.print(f"[bold]{m}[/bold]"), bars=True)

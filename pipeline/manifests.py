@@ -43,6 +43,16 @@ def shared_classes(source: str, target: str) -> list[tuple[str, str]]:
     raise ValueError(f"no shared-class map for {source} -> {target} in data_manifests/shared_classes.json")
 
 
+def paper_label(source: str, target: str) -> str:
+    """The header of the paper's column for `source` -> `target`: "paper (Mink)" for Table 1,
+    "paper (SCN)" for Table 2 (the backbone each table's numbers come from)."""
+    for name in ("paper_table1.json", "paper_table2.json"):
+        table = json.loads((manifest_dir("") / name).read_text())
+        if any((r["source"], r["target"]) == (source, target) for r in table["results"]):
+            return f"paper ({table['backbone']})"
+    return "paper"
+
+
 def paper_results(source: str, target: str) -> dict[str, float]:
     """The paper's mIoU (%) of each row of Table 1 (indoor, Mink backbone) or Table 2 (outdoor,
     a2d2 -> semantickitti) for `source` -> `target`, or {} where the paper has no such experiment

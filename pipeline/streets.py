@@ -42,6 +42,7 @@ pixel coordinates at pixel centres. Deterministic for (seed, domain, frame).
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -559,11 +560,12 @@ def split_counts(scenes: int, val_fraction: float = 0.2, test_fraction: float = 
 
 
 def generate(out: Path, *, domain: str, scenes: int, seed: int, image_scale: float = 1.0,
-             progress=None) -> list[str]:
+             progress=None, frames: Iterable[int] | None = None) -> list[str]:
     """Write `scenes` streets of `domain` under `out` in the SemanticKITTI layout.
 
     Returns the written frames as "<sequence>/<frame>". Deterministic for (seed, domain): each
-    frame draws from its own generator, so any subset regenerates identically.
+    frame draws from its own generator, so any subset regenerates identically; `frames` (indices in
+    0..scenes-1, in split order train, val, test) writes only those, so processes can share the work.
     """
     if domain not in DOMAINS:
         raise ValueError(f"unknown outdoor domain {domain!r}; choose one of {', '.join(DOMAINS)}")
@@ -572,6 +574,7 @@ def generate(out: Path, *, domain: str, scenes: int, seed: int, image_scale: flo
     rig = DOMAINS[domain]
     calib = calibration(rig, image_scale)
     out = Path(out)
+    wanted = None if frames is None else set(frames)
     written, index = [], 0
     for split, count in split_counts(scenes).items():
         sequence_dir = out / "sequences" / SEQUENCES[split]
@@ -579,6 +582,9 @@ def generate(out: Path, *, domain: str, scenes: int, seed: int, image_scale: flo
             sequence_dir.mkdir(parents=True, exist_ok=True)
             (sequence_dir / "calib.txt").write_text(calib.text())
         for frame_number in range(count):
+            if wanted is not None and index not in wanted:
+                index += 1
+                continue
             frame = f"{frame_number:06d}"
             rng = np.random.default_rng([seed, sum(map(ord, domain)), index])
             write_frame(sequence_dir, frame, domain=rig, calib=calib, rng=rng)

@@ -254,3 +254,29 @@ def test_offline_protocol_with_the_cuda_graph_matches_the_reference_path():
     for step in (0, 2, 6):
         assert relative_error(totals["graph"][step], totals["reference"][step]) < 1e-4, step
     assert relative_error(totals["graph"][6], totals["graph"][0]) > 1e-4  # the steps did something
+
+
+def test_tf32_steps_stay_close_to_fp32_on_cuda():
+    """AdaptConfig.tf32 (TF32 tensor cores for spconv's and torch's fp32 products): after 8 steps the
+    losses, backbone update and predictions stay within TF32's precision of the fp32 path, and
+    differ from it (the switch reaches the kernels). Whether the adapted mIoU is unchanged is for
+    `tttkd adapt --tf32` on real scenes to show."""
+    _, cuda = twin_models()
+    scene = room_scene(40_000, kd_dim=KD_DIM, device="cuda")
+    source = {n: p.detach().double().cpu() for n, p in cuda.named_parameters()}
+    results = {}
+    for tf32 in (False, True):
+        adapter = TTTKD(copy.deepcopy(cuda), AdaptConfig(lr=0.1, kd_points=4096, tf32=tf32))
+        view = rotated(scene, 0.3, DATA, "cuda")
+        view.voxels = zero_mean_inputs(view.voxels)
+        kd_voxels, rows = adapter.plan_targets(scene, view, np.random.default_rng(0), steps=8)
+        losses = torch.stack([adapter.step(view, kd_voxels[t], scene.feature[rows[t]]) for t in range(8)])
+        params = {n: p.detach().double().cpu() for n, p in adapter.model.named_parameters() if n.startswith("backbone.")}
+        results[tf32] = losses.cpu(), params, adapter.predict(view)
+    assert not torch.backends.cuda.matmul.allow_tf32  # restored after the steps
+    update = lambda p: torch.cat([(p[n] - source[n]).flatten() for n in p])
+    (l32, p32, y32), (ltf, ptf, ytf) = results[False], results[True]
+    torch.testing.assert_close(ltf, l32, rtol=1e-2, atol=1e-4)
+    errors = relative_error(update(ptf), update(p32)), relative_error(ytf, y32)
+    assert errors[0] < 5e-2 and errors[1] < 2e-2, errors
+    assert errors[0] > 0, "TF32 left every update bit-identical: the switch did not reach spconv's kernels"

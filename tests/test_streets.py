@@ -158,6 +158,17 @@ def test_same_seed_same_bytes_other_seed_other_street(tmp_path):
     assert (tmp_path / "x/sequences/00" / other).read_bytes() != (tmp_path / "z/sequences/00" / other).read_bytes()
 
 
+def test_processes_sharing_the_frames_write_what_one_process_writes(tmp_path):
+    whole = streets.generate(tmp_path / "one", domain="target", scenes=3, seed=2, image_scale=0.25)
+    parts = [streets.generate(tmp_path / "two", domain="target", scenes=3, seed=2, image_scale=0.25, frames=frames)
+             for frames in (range(0, 3, 2), range(1, 3, 2))]
+    assert parts == [["00/000000", "08/000000"], ["07/000000"]] and sorted(sum(parts, [])) == sorted(whole)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) == 3 * 3 + 3  # a .bin, a .label and an image per frame, a calib.txt per sequence
+    for path in files:
+        assert (tmp_path / "one" / path).read_bytes() == (tmp_path / "two" / path).read_bytes(), path
+
+
 def test_unknown_domain_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown outdoor domain 'kitti'; choose one of source, target"):
         streets.generate(tmp_path, domain="kitti", scenes=1, seed=0)

@@ -115,6 +115,20 @@ def test_a_rerun_skips_finished_cells_and_redoes_half_written_ones_identically(s
         run(replace(config, adapt=replace(config.adapt, lr=1.0)), out, split_cache, joint_checkpoint)
 
 
+def test_processes_sharing_a_cells_scenes_give_the_cell_one_process_gives(split_cache, joint_checkpoint, tmp_path):
+    config = tiny(seeds=(0,), rows=("TTT-KD", "control: TTT-KD, shuffled targets"))
+    run(config, tmp_path / "one", split_cache, joint_checkpoint)
+    shared = run(replace(config, jobs=2), tmp_path / "two", split_cache, joint_checkpoint)
+    assert shared.done == 2 and not shared.stopped
+    for row in config.rows:
+        one, two = (json.loads(cell_path(tmp_path / d, 0, "sensor", row).read_text())["result"] for d in ("one", "two"))
+        assert set(two["per_scene_miou"]) == {"scene0001_00", "scene0002_00"}
+        for key in ("confusion_by_step", "per_scene_miou", "miou_by_step", "updates"):
+            assert two[key] == one[key], (row, key)
+    # jobs is how the work is shared, not what it computes: the same protocol, so cells mix
+    assert replace(config, jobs=4).protocol() == config.protocol()
+
+
 def test_max_minutes_stops_cleanly_before_a_unit_that_would_not_fit(split_cache, joint_checkpoint, tmp_path):
     stopped = run(tiny(families=("sensor", "none")), tmp_path, split_cache, joint_checkpoint, max_minutes=0)
     assert stopped.stopped and stopped.done == 0 and stopped.total == 8 and load_cells(tmp_path) == []
@@ -191,3 +205,38 @@ def test_demo_table_fits_100_columns_and_gives_the_change_against_source_only():
     ttt = next(line for line in lines if line.startswith("TTT-KD "))
     assert re.search(r"31\.2\s+\+11\.2", ttt) and re.search(r"18\.0\s+-2\.0", next(
         line for line in lines if line.startswith("Joint-Train")))
+
+
+def test_the_outdoor_suite_runs_table_2s_rows_from_generated_streets_to_the_table(tmp_path):
+    """The real workspace on CPU: two LiDAR domains of 5 streets (3 train, 1 val, 1 test frames),
+    their caches, the scn_unet models, the 2D head, every Table 2 row and the control."""
+    from tttkd.suite import OUTDOOR_ROWS, Workspace, Clock, outdoor_suite
+    from tttkd.pipeline.cache import FeatureCache
+
+    base = outdoor_suite()
+    assert (base.train.model, base.train.data.input_features, base.train.data.voxel_size_m) == ("scn_unet", "xyz", 0.05)
+    assert (base.adapt.steps, base.adapt.lr, base.adapt.rotations) == (25, 0.1, 4) and len(base.seeds) == 3
+    config = replace(base, name="tiny-outdoor", scenes=5, seeds=(0,), workers=2,
+                     train=replace(base.train, epochs=2, batch_size=2),
+                     adapt=AdaptConfig(steps=2, lr=0.1, rotations=2, kd_points=512))
+    out = tmp_path / "out"
+    result = run_suite(config, out, device="cpu", log=lambda m: None)
+    assert (result.done, result.total) == (12, 12)
+    cells = load_cells(out)
+    assert {c["row"] for c in cells if c["family"] == "lidar"} == set(OUTDOOR_ROWS)
+    oracle = next(c for c in cells if c["row"] == "Oracle")
+    space = Workspace(config, out / "work", device="cpu", log=lambda m: None, clock=Clock(None), bars=False)
+    assert oracle["result"]["checkpoint"] == str(space.run_dir("target", 0, "joint") / "last.pt")
+    assert oracle["changed"] == ["lidar", "lidar_mount"] and oracle["domain"]["lidar"]["beams"] == 64
+    assert all(c["target_scenes"] == ["08_000000"] and c["setting"] == "outdoor" for c in cells)  # the test frame
+    # the caches hold the train and test frames only; the 2D head sits beside the source's Joint-Train
+    assert FeatureCache(space.store("target", 0)).scene_ids() == ["00_000000", "00_000001", "00_000002", "08_000000"]
+    assert (space.run_dir("source", 0, "joint") / "head2d.pt").is_file()
+    # the table puts Table 2's numbers beside ours, the control has none
+    table = (out / "results.md").read_text()
+    assert "| row | lidar | none (in-distribution) | paper (SCN), Table 2: A2D2 → SemanticKITTI |" in table
+    assert cell_string(table, "TTT-KD", 2) == "49.7" and cell_string(table, "xMUDA", 2) == "38.0"
+    assert cell_string(table, "control: TTT-KD, shuffled targets", 2) == "-"
+    assert json.loads((out / "results.json").read_text())["paper"]["MM-TTA"] == 42.5
+    with pytest.raises(ValueError, match="unknown shift family 'sensor' of the outdoor suite; choose from lidar, none"):
+        run_suite(replace(config, families=("sensor",)), out, device="cpu", log=lambda m: None)

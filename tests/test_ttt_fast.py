@@ -119,3 +119,34 @@ def test_planned_targets_are_the_ones_drawn_step_by_step(room, shuffle):
     assert not torch.equal(voxels[0], voxels[1])
     kd_voxel, kd_target = a.sample_targets(room, view, np.random.default_rng(3))
     assert torch.equal(kd_voxel, voxels[0]) and torch.equal(kd_target, room.feature[rows[0]])
+
+
+def test_tf32_switch_is_scoped_and_leaves_cpu_steps_unchanged(room):
+    """`tensor_float32` turns spconv's and torch's TF32 flags on inside and restores them on exit,
+    also after an error; on CPU (no tensor cores) a TF32 step is the fp32 step."""
+    import spconv.constants as spconv_constants
+
+    from tttkd.model import tensor_float32
+
+    flags = lambda: (spconv_constants.SPCONV_ALLOW_TF32, torch.backends.cuda.matmul.allow_tf32,
+                     torch.backends.cudnn.allow_tf32)
+    before = flags()
+    torch.backends.cudnn.allow_tf32 = False  # a user's own setting must come back as it was
+    with tensor_float32(True):
+        assert flags() == (True, True, True)
+    assert flags() == (before[0], before[1], False)
+    with pytest.raises(RuntimeError), tensor_float32(True):
+        raise RuntimeError("a failing step")
+    assert flags() == (before[0], before[1], False)
+    with tensor_float32(False):
+        assert flags() == (before[0], before[1], False)
+    torch.backends.cudnn.allow_tf32 = before[2]
+
+    fp32, tf32 = adapter(True), adapter(True, tf32=True)
+    views = {a: rotated(room, 0.4, DATA, "cpu") for a in (fp32, tf32)}
+    voxels, rows = fp32.plan_targets(room, views[fp32], np.random.default_rng(0), steps=2)
+    for step in range(2):
+        losses = [a.step(views[a], voxels[step], room.feature[rows[step]]) for a in (fp32, tf32)]
+        assert torch.equal(losses[0], losses[1])
+    assert flags() == before
+    torch.testing.assert_close(tf32.predict(views[tf32]), fp32.predict(views[fp32]), rtol=0, atol=0)

@@ -105,7 +105,7 @@ graphs stay off: spconv 2.3.8 cannot be captured, see AdaptConfig.cuda_graph).""
 
 def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str = "minkunet34c", kd_dim: int = 1024,
               steps: int = 10, kd_points: int = 16384, device: str = "cuda", protocol_rotations: int = 0,
-              protocol_steps: int = 100) -> list[dict]:
+              protocol_steps: int = 100, tf32: bool = False) -> list[dict]:
     """One row per scene size: ms per TTT step (forward, KD loss, backward, SGD) and peak memory of
     the reference and the fast path, timed in the same run (the peak includes the scene's teacher
     features on the device, `scene_feature_gb`); with `protocol_rotations` > 0, also
@@ -114,7 +114,8 @@ def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str
 
     ms per step is the wall time of `steps` consecutive steps over `steps`, after warm-up steps
     (on CUDA 3: spconv tunes its kernels on the first ones; the fast path records the pairs on the
-    first): what the step loop of the protocol sees.
+    first): what the step loop of the protocol sees. With `tf32`, a third path, "tf32": the fast
+    path with its fp32 products on TF32 tensor cores (AdaptConfig.tf32).
     """
     from dataclasses import replace
 
@@ -134,7 +135,8 @@ def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str
         row = {"voxels": None, "model": model, "kd_points": kd_points, "kd_dim": kd_dim, "steps": steps,
                "device": torch.cuda.get_device_name(device) if gpu else "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-        for path, fields in PATHS.items():
+        paths = {**PATHS, "tf32": {**PATHS["fast"], "tf32": True}} if tf32 else PATHS
+        for path, fields in paths.items():
             config = AdaptConfig(lr=1.0, kd_points=kd_points, steps=protocol_steps, **fields)
             adapter = TTTKD(net, config)
             view = rotated(scene, 0.0, data, device)

@@ -217,10 +217,11 @@ def plan_rows(*, joint: Path | None, source_only: Path | None, oracle: Path | No
 
 
 def markdown_table(results: list[MethodResult], *, title: str, classes: list[str],
-                   paper: dict[str, float] | None = None) -> str:
+                   paper: dict[str, float] | None = None, paper_label: str = "paper (Mink)") -> str:
     """One header from `classes`; each row's IoU sits under its class name ("-": no IoU). With
-    `paper` (row -> the paper's mIoU, `paper_results`), a column puts the paper's number beside ours."""
-    paper_header, paper_rule = ("paper (Mink) | ", "---:|") if paper else ("", "")
+    `paper` (row -> the paper's mIoU, `paper_results`), a column headed `paper_label`
+    (`manifests.paper_label`) puts the paper's number beside ours."""
+    paper_header, paper_rule = (f"{paper_label} | ", "---:|") if paper else ("", "")
     lines = [f"### {title}", "", f"| method | mIoU | {paper_header}" + " | ".join(classes) + " |",
              "|---|---:|" + paper_rule + "---:|" * len(classes)]
     for r in results:
@@ -251,9 +252,9 @@ def plot_steps(result: MethodResult, path: Path, *, baselines: dict[str, float])
 
 
 def write_results(results: list[MethodResult], out: Path, *, title: str, classes: list[str], config: AdaptConfig,
-                  setup: dict, paper: dict[str, float] | None = None) -> str:
+                  setup: dict, paper: dict[str, float] | None = None, paper_label: str = "paper (Mink)") -> str:
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results, title=title, classes=classes, paper=paper)
+    table = markdown_table(results, title=title, classes=classes, paper=paper, paper_label=paper_label)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"title": title, "classes": classes, "config": asdict(config),
                                                   "setup": setup, "paper_miou": paper or {},

@@ -49,10 +49,12 @@ def generate_once(root: Path, domain: str, *, scenes: int, views: int, seed: int
 
 
 def extract_once(root: Path, store: Path, *, workers: int, device: str = "cpu", teacher: str = "efficientnet_lite0",
-                 max_views: int | None = None, progress: bool = False) -> Path:
-    """Extract (resuming) the train and val splits of an embedded dataset; return the store."""
-    config = PrepConfig(dataset="scannet", root=root, teacher=teacher, batch_size=8, max_views=max_views)
-    for split in ("train", "val"):
+                 max_views: int | None = None, progress: bool = False, dataset: str = "scannet",
+                 splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """Extract (resuming) `splits` of an embedded dataset (rooms: scannet layout; streets:
+    semantickitti); return the store."""
+    config = PrepConfig(dataset=dataset, root=root, teacher=teacher, batch_size=8, max_views=max_views)
+    for split in splits:
         report = run_extraction(config, out=store, split=split, workers=workers, device=device, progress=progress)
         if report.failed:
             raise RuntimeError(f"{store}: {len(report.failed)} scenes failed: {report.failed}")

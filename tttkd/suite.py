@@ -11,12 +11,19 @@ family's drop isolates that group. Rows (paper Tables 1-3): Oracle (trained on t
 rooms), Source-Only, Joint-Train, TENT, DUA, AdaContrast, TTT-KD-O, TTT-KD, and the control TTT-KD
 with shuffled teacher targets (must not help).
 
+The outdoor setting (`outdoor_suite`, paper Table 2 in miniature): one family, "lidar", the
+embedded streets seen by a 16-beam LiDAR (source) and a 64-beam one (target) with the same camera;
+xMUDA's SCN U-Net on xyz; the rows of Table 2 (Oracle, Source-Only, Joint-Train, TENT, xMUDA, MM-TTA,
+TTT-KD-O, TTT-KD) and the shuffled-targets control on the target's test frames, with the paper's
+own numbers printed beside ours.
+
 Resumable: a cell is written atomically (temporary file, then rename) and a rerun skips every
 finished cell of the same protocol; offline TTT-KD, whose scenes are independent, also saves each
 scene, so a cell longer than one device call still advances. Data, caches and checkpoints live in a
 separate work folder, under paths keyed by what they depend on (`Workspace`), and are rebuilt
 deterministically when missing. `max_minutes` stops before a
-unit of work that would not fit.
+unit of work that would not fit. `jobs` processes per device share the scenes of an offline
+TTT-KD cell: one process leaves the GPU idle while Python prepares each step.
 """
 
 from __future__ import annotations
@@ -35,28 +42,66 @@ from pathlib import Path
 
 import numpy as np
 
+from tttkd.pipeline import streets
 from tttkd.pipeline.cache import FeatureCache
-from tttkd.pipeline.synth import DOMAINS, FAMILIES, generate
+from tttkd.pipeline.manifests import paper_label, paper_results
+from tttkd.pipeline.synth import DOMAINS, FAMILIES, FAMILY_FIELDS, generate
 
 from .adapt import AdaptConfig
 from .data import DataConfig
-from .experiment import MethodResult, markdown_table, run_method, scored_classes
+from .experiment import MULTIMODAL, MethodResult, markdown_table, run_method, scored_classes
 from .metrics import iou_per_class, mean_iou
 from .shift import extract_once, train_once
 from .train import TrainConfig
 
 IN_DISTRIBUTION = "none"
-"""The pseudo-family of the in-distribution control: the source domain's own val scenes."""
+"""The pseudo-family of the in-distribution control: the source domain's own target-split scenes."""
 SHUFFLED = "control: TTT-KD, shuffled targets"
 # (row, method, model): model is the source's "joint" or "source_only", or the family's "oracle"
 ROW_PLAN = (("Oracle", "none", "oracle"), ("Source-Only", "none", "source_only"), ("Joint-Train", "none", "joint"),
             ("TENT", "tent", "source_only"), ("DUA", "dua", "source_only"), ("AdaContrast", "adacontrast", "source_only"),
+            ("xMUDA", "xmuda", "source_only"), ("MM-TTA", "mm-tta", "source_only"),
             ("TTT-KD-O", "ttt-kd-o", "joint"), ("TTT-KD", "ttt-kd", "joint"), (SHUFFLED, "ttt-kd-shuffled", "joint"))
 ROWS = tuple(row for row, _, _ in ROW_PLAN)
+INDOOR_ROWS = tuple(row for row in ROWS if row not in ("xMUDA", "MM-TTA"))  # paper Table 1 (+ the control)
+OUTDOOR_ROWS = tuple(row for row in ROWS if row not in ("DUA", "AdaContrast"))  # paper Table 2 (+ the control)
 IN_DISTRIBUTION_ROWS = ("Source-Only", "Joint-Train", "TTT-KD")
 PER_SCENE = ("ttt-kd", "ttt-kd-shuffled")  # offline: scenes are independent, so each is saved on its own
 # work order within a (seed, family): the cheap rows first, the Oracle (one more training) last
 ORDER = ROWS[1:] + ROWS[:1]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where a suite's domains come from and how its cells read them."""
+
+    name: str
+    dataset: str
+    """The dataset layout the generator writes and extraction reads."""
+    source: str
+    """The domain the source models (Joint-Train, Source-Only) train on."""
+    domains: dict
+    """family -> the generated domain whose scenes are its targets."""
+    target_split: str
+    """Split of the target scenes (the train split of a domain trains its models)."""
+    paper: dict
+    """row -> the paper's mIoU (%) of the experiment this setting miniaturises; {}: none comparable."""
+    paper_label: str = ""
+
+
+INDOOR = Setting("indoor", "scannet", "a", {**{f: f for f in FAMILIES}, IN_DISTRIBUTION: "a"}, "val", {})
+OUTDOOR = Setting("outdoor", "semantickitti", "source", {"lidar": "target", IN_DISTRIBUTION: "source"}, "test",
+                  paper_results("a2d2", "semantickitti"),
+                  f"{paper_label('a2d2', 'semantickitti')}, Table 2: A2D2 → SemanticKITTI")
+SETTINGS = {s.name: s for s in (INDOOR, OUTDOOR)}
+
+
+def domain_record(setting: Setting, domain: str) -> tuple[dict, list[str]]:
+    """(the generator's parameters of `domain`, the names of those its family changes)."""
+    if setting.name == "outdoor":
+        changed = ["lidar", "lidar_mount"] if domain == "target" else []
+        return asdict(streets.DOMAINS[domain]), changed
+    return asdict(DOMAINS[domain]), list(FAMILY_FIELDS.get(domain, ()))
 
 
 @dataclass(frozen=True)
@@ -76,16 +121,24 @@ class SuiteConfig:
     families: tuple[str, ...] = FAMILIES + (IN_DISTRIBUTION,)
     seeds: tuple[int, ...] = (0, 1, 2)
     """Each seed draws the data, the training and the adaptation samples."""
-    rows: tuple[str, ...] = ROWS
+    rows: tuple[str, ...] = INDOOR_ROWS
     workers: int = 2
+    setting: str = "indoor"
+    """indoor (the shift families of `synth`) or outdoor (the streets of `streets`, two LiDARs)."""
+    jobs: int = 1
+    """Processes on the one device that share the scenes of an offline TTT-KD cell (no effect on results)."""
 
     def protocol(self) -> dict:
         """What a cell's number depends on: cells of another protocol are never mixed in."""
         record = asdict(self)
-        for key in ("name", "families", "seeds", "rows", "workers"):
+        for key in ("name", "families", "seeds", "rows", "workers", "jobs"):
             record.pop(key)
         record["train"].pop("workers")
         return json.loads(json.dumps(record))
+
+    @property
+    def place(self) -> Setting:
+        return SETTINGS[self.setting]
 
 
 def cpu_suite() -> SuiteConfig:
@@ -107,7 +160,19 @@ def gpu_suite() -> SuiteConfig:
         adapt=AdaptConfig(steps=100, lr=1.0, rotations=8, kd_points=16384))
 
 
-SUITES = {"cpu": cpu_suite, "gpu": gpu_suite}
+def outdoor_suite() -> SuiteConfig:
+    """Paper Table 2 in miniature: 16-beam -> 64-beam streets (48 train, 16 val, 16 test frames a
+    domain), xMUDA's SCN U-Net on xyz at 5 cm, the paper's outdoor TTT (lr 0.1, 25 steps, 4
+    rotations, 16,384 KD points); 3 seeds."""
+    return SuiteConfig(
+        name="outdoor", setting="outdoor", scenes=80, val_fraction=0.2, views=1, families=("lidar", IN_DISTRIBUTION),
+        rows=OUTDOOR_ROWS, seeds=(0, 1, 2), workers=8,
+        train=TrainConfig(epochs=60, batch_size=4, model="scn_unet", bn_momentum=0.1, validate=False,
+                          data=DataConfig(voxel_size_m=0.05, input_features="xyz")),
+        adapt=AdaptConfig(steps=25, lr=0.1, rotations=4, kd_points=16384))
+
+
+SUITES = {"cpu": cpu_suite, "gpu": gpu_suite, "outdoor": outdoor_suite}
 
 
 def slug(row: str) -> str:
@@ -192,6 +257,8 @@ class Workspace:
         self.generated: set[int] = set()
 
     def data_key(self) -> str:
+        if self.config.setting == "outdoor":
+            return f"streets-s{self.config.scenes}"
         return f"s{self.config.scenes}-v{self.config.views}-f{self.config.val_fraction:g}"
 
     def cache_key(self) -> str:
@@ -218,18 +285,46 @@ class Workspace:
     def train_config(self, seed: int, kind: str) -> TrainConfig:
         return replace(self.config.train, seed=seed, workers=self.config.workers, use_kd=kind == "joint")
 
+    def _domains(self) -> list[str]:
+        return list(dict.fromkeys([self.config.place.source] + [self.config.place.domains[f] for f in self.config.families]))
+
+    def _generated(self, domain: str, seed: int) -> bool:
+        marker = "generated.json" if self.config.setting == "outdoor" else "scannetv2_val.txt"  # written last
+        return (self.root(domain, seed) / marker).exists()
+
+    def _generate(self, seed: int) -> None:
+        """Every domain of a seed at once, in spawned processes (which import only the generator)."""
+        todo = [d for d in self._domains() if not self._generated(d, seed)]
+        if not todo:
+            return
+        self.log(f"seed {seed}: generating {self.config.setting} scenes of {', '.join(todo)}")
+        processes = max(1, self.config.workers)
+        with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+            if self.config.setting == "outdoor":  # ~1.4 s a street: frames spread over the processes
+                chunks = [(d, range(k, self.config.scenes, processes)) for d in todo for k in range(processes)]
+                futures = [pool.submit(streets.generate, self.root(d, seed), domain=d, scenes=self.config.scenes,
+                                       seed=seed, frames=frames) for d, frames in chunks]
+            else:
+                futures = [pool.submit(generate, self.root(d, seed), domain=d, scenes=self.config.scenes,
+                                       views=self.config.views, seed=seed, val_fraction=self.config.val_fraction)
+                           for d in todo]
+            for future in futures:
+                future.result()
+        if self.config.setting == "outdoor":
+            for d in todo:
+                write_json_atomic(self.root(d, seed) / "generated.json",
+                                  {"domain": d, "seed": seed, "scenes": self.config.scenes,
+                                   "parameters": asdict(streets.DOMAINS[d])})
+
+    def _expected_scenes(self) -> int:
+        if self.config.setting == "outdoor":  # the train and test frames are extracted (val: not used)
+            counts = streets.split_counts(self.config.scenes)
+            return counts["train"] + counts["test"]
+        return self.config.scenes
+
     def cache(self, domain: str, seed: int) -> Path:
-        if seed not in self.generated:  # every domain of a seed at once, in parallel processes
-            domains = ["a"] + [f for f in self.config.families if f != IN_DISTRIBUTION]
-            todo = [d for d in domains if not (self.root(d, seed) / "scannetv2_val.txt").exists()]
-            if todo:
-                self.log(f"seed {seed}: generating rooms of {', '.join(todo)}")
-                kwargs = dict(scenes=self.config.scenes, views=self.config.views, seed=seed,
-                              val_fraction=self.config.val_fraction)
-                # spawned processes import only the generator (numpy, PIL), not torch
-                with ProcessPoolExecutor(min(len(todo), max(1, self.config.workers)), mp_context=get_context("spawn")) as pool:
-                    for future in [pool.submit(generate, self.root(d, seed), domain=d, **kwargs) for d in todo]:
-                        future.result()
+        if seed not in self.generated:
+            self._generate(seed)
             self.generated.add(seed)
         store = self.store(domain, seed)
         if (store / "zarr.json").exists():
@@ -238,11 +333,26 @@ class Workspace:
             wanted = {"teacher": self.config.teacher, "max_views": self.config.max_views}
             if found != wanted:
                 raise ValueError(f"{store}: a cache of {found}, not {wanted}; delete it or use another --work")
-        if not (store / "zarr.json").exists() or len(FeatureCache(store).scene_ids()) < self.config.scenes:
+        if not (store / "zarr.json").exists() or len(FeatureCache(store).scene_ids()) < self._expected_scenes():
+            outdoor = self.config.setting == "outdoor"
             self._unit("extract", f"seed {seed}: extracting {domain} ({self.config.teacher})", lambda: extract_once(
                 self.root(domain, seed), store, workers=self.config.workers, device=self.device,
-                teacher=self.config.teacher, max_views=self.config.max_views, progress=self.bars))
+                teacher=self.config.teacher, max_views=self.config.max_views, progress=self.bars,
+                dataset=self.config.place.dataset, splits=("train", "test") if outdoor else ("train", "val")))
         return store
+
+    def head2d(self, seed: int) -> Path:
+        """The 2D branch of xMUDA and MM-TTA: fitted on the source cache's train split, beside the
+        source's Joint-Train checkpoint (whose classes it predicts)."""
+        from .head2d import fit_head2d, head2d_path
+
+        joint = self.model(self.config.place.source, seed, "joint")
+        path = head2d_path(joint)
+        if not path.is_file():
+            cache = self.cache(self.config.place.source, seed)
+            self._unit("head2d", f"seed {seed}: fitting the 2D head on {self.config.place.source}",
+                       lambda: fit_head2d(cache, joint, split="train", device=self.device))
+        return path
 
     def model(self, domain: str, seed: int, kind: str) -> Path:
         """`joint` or `source_only` trained on `domain`'s train rooms (the Oracle: `joint` on a family)."""
@@ -301,9 +411,12 @@ def run_suite(config: SuiteConfig, out: Path, *, work: Path | None = None, devic
     out/work); stop cleanly before `max_minutes`. Then write the table, JSON and plots.
     `workspace`: anything with `cache(domain, seed)`, `model(domain, seed, kind)` and `device`
     (tests hand in ready-made caches and checkpoints)."""
+    if config.setting not in SETTINGS:
+        raise ValueError(f"unknown suite setting {config.setting!r}; choose from {', '.join(SETTINGS)}")
     for family in config.families:
-        if family not in FAMILIES + (IN_DISTRIBUTION,):
-            raise ValueError(f"unknown shift family {family!r}; choose from {', '.join(FAMILIES + (IN_DISTRIBUTION,))}")
+        if family not in config.place.domains:
+            raise ValueError(f"unknown shift family {family!r} of the {config.setting} suite; choose from "
+                             f"{', '.join(config.place.domains)}")
     unknown = [row for row in config.rows if row not in ROWS]
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
@@ -335,32 +448,22 @@ def run_suite(config: SuiteConfig, out: Path, *, work: Path | None = None, devic
 def _run_cell(space, config: SuiteConfig, seed: int, family: str, row: str, path: Path, protocol: dict,
               clock: Clock, log) -> None:
     method, kind = next((m, k) for r, m, k in ROW_PLAN if r == row)
-    target = "a" if family == IN_DISTRIBUTION else family
-    checkpoint = space.model(family if kind == "oracle" else "a", seed, "joint" if kind == "oracle" else kind)
+    place = config.place
+    target = place.domains[family]
+    checkpoint = space.model(target if kind == "oracle" else place.source, seed, "joint" if kind == "oracle" else kind)
     cache = space.cache(target, seed)
-    scene_ids = FeatureCache(cache).scene_ids(split="val")
-    # one class list for every row (paper Table 5; here source and target are both ScanNet-labelled)
-    classes = scored_classes("scannet", FeatureCache(cache).provenance["dataset"])
+    head2d = space.head2d(seed) if method in MULTIMODAL else None
+    scene_ids = FeatureCache(cache).scene_ids(split=place.target_split)
+    # one class list for every row (paper Table 5; source and target share the dataset's labels)
+    classes = scored_classes(place.dataset, FeatureCache(cache).provenance["dataset"])
     adapt = replace(config.adapt, seed=seed)
     label = f"seed {seed} · {family} · {row}"
     start = time.monotonic()
     if method in PER_SCENE:
-        parts = []
-        for index, scene_id in enumerate(scene_ids):
-            part = path.with_suffix("") / f"{scene_id}.json"
-            record = read_cell(part, protocol)
-            if record is None:
-                if not clock.fits(method):
-                    raise OutOfTime(f"{label}, scene {index + 1}/{len(scene_ids)}")
-                log(f"{label}: scene {index + 1}/{len(scene_ids)} ({scene_id})")
-                began = time.monotonic()
-                result = run_method(row, method, checkpoint, cache, [scene_id], config=adapt, device=space.device,
-                                    classes=classes)
-                clock.took(method, time.monotonic() - began)
-                record = {"protocol": protocol, "result": asdict(result)}
-                write_json_atomic(part, record)
-            parts.append(MethodResult(**record["result"]))
-        result = combine(parts)
+        task = dict(row=row, method=method, checkpoint=checkpoint, cache=cache, config=adapt, device=space.device,
+                    classes=classes, protocol=protocol)
+        parts = _per_scene(task, path, scene_ids, jobs=config.jobs, clock=clock, label=label, log=log)
+        result = combine([parts[s] for s in scene_ids])
     else:
         if not clock.fits(method):
             raise OutOfTime(label)
@@ -371,18 +474,79 @@ def _run_cell(space, config: SuiteConfig, seed: int, family: str, row: str, path
             log(f"{label}: scene {len(done)}/{len(scene_ids)} ({scene_id})")
 
         result = run_method(row, method, checkpoint, cache, scene_ids, config=adapt, device=space.device,
-                            classes=classes, progress=progress)
+                            classes=classes, progress=progress, head2d=head2d)
         clock.took(method, time.monotonic() - start)
+    parameters, changed = domain_record(place, target)
     write_json_atomic(path, {
-        "suite": config.name, "protocol": protocol, "seed": seed, "family": family, "row": row, "method": method,
-        "target_scenes": scene_ids, "classes": classes, "domain": asdict(DOMAINS[target]),
-        "changed": _changed(target), **environment(), "result": asdict(result)})
+        "suite": config.name, "setting": place.name, "protocol": protocol, "seed": seed, "family": family, "row": row,
+        "method": method, "target_scenes": scene_ids, "classes": classes, "domain": parameters, "changed": changed,
+        **environment(), "result": asdict(result)})
 
 
-def _changed(domain: str) -> list[str]:
-    from tttkd.pipeline.synth import FAMILY_FIELDS
+def _scene_part(task: dict, scene_id: str, part: Path) -> float:
+    """Adapt and score one scene of an offline TTT-KD cell and save it as its own part -> seconds.
+    Module level: it also runs in the cell's worker processes."""
+    began = time.monotonic()
+    result = run_method(task["row"], task["method"], task["checkpoint"], task["cache"], [scene_id],
+                        config=task["config"], device=task["device"], classes=task["classes"])
+    write_json_atomic(part, {"protocol": task["protocol"], "result": asdict(result)})
+    return time.monotonic() - began
 
-    return list(FAMILY_FIELDS.get(domain, ()))
+
+def _quiet_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)  # N workers with every core each would only contend
+
+
+def _per_scene(task: dict, path: Path, scene_ids: list[str], *, jobs: int, clock: Clock, label: str,
+               log) -> dict[str, MethodResult]:
+    """Every scene's part of an offline cell (saved ones are read back), computed by `jobs` processes;
+    stops (OutOfTime) before starting a scene that would end past the clock's deadline."""
+    parts = {}
+    todo = []
+    for scene_id in scene_ids:
+        record = read_cell(path.with_suffix("") / f"{scene_id}.json", task["protocol"])
+        if record is None:
+            todo.append(scene_id)
+        else:
+            parts[scene_id] = MethodResult(**record["result"])
+    method = task["method"]
+    count = len(scene_ids)
+
+    def finished(scene_id: str, seconds: float) -> None:
+        clock.took(method, seconds)
+        record = read_cell(path.with_suffix("") / f"{scene_id}.json", task["protocol"])
+        parts[scene_id] = MethodResult(**record["result"])
+        log(f"{label}: scene {len(parts)}/{count} ({scene_id}, {seconds:.0f} s)")
+
+    if jobs <= 1 or len(todo) <= 1:
+        for scene_id in todo:
+            if not clock.fits(method):
+                raise OutOfTime(f"{label}, {len(parts)}/{count} scenes done")
+            finished(scene_id, _scene_part(task, scene_id, path.with_suffix("") / f"{scene_id}.json"))
+        return parts
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"), initializer=_quiet_worker,
+                             initargs=(threads,)) as pool:
+        running, queue, stopped = {}, list(todo), False
+        while queue or running:
+            while queue and len(running) < jobs and not stopped:
+                if not clock.fits(method):
+                    stopped = True
+                    break
+                scene_id = queue.pop(0)
+                running[pool.submit(_scene_part, task, scene_id, path.with_suffix("") / f"{scene_id}.json")] = scene_id
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished(running.pop(future), future.result())
+    if len(parts) < count:
+        raise OutOfTime(f"{label}, {len(parts)}/{count} scenes done")
+    return parts
 
 
 def combine(parts: list[MethodResult]) -> MethodResult:
@@ -446,10 +610,13 @@ def family_title(family: str) -> str:
     return "none (in-distribution)" if family == IN_DISTRIBUTION else family
 
 
-def markdown_summary(table: dict, families: list[str], *, title: str, seeds: int) -> str:
-    """Rows x families, "mean ± std" in mIoU points; "(n=k)" marks a cell with fewer seeds than asked."""
-    lines = [f"### {title}", "", "| row | " + " | ".join(family_title(f) for f in families) + " |",
-             "|---|" + "---:|" * len(families)]
+def markdown_summary(table: dict, families: list[str], *, title: str, seeds: int, paper: dict | None = None,
+                     paper_label: str = "paper") -> str:
+    """Rows x families, "mean ± std" in mIoU points; "(n=k)" marks a cell with fewer seeds than asked.
+    With `paper` (row -> the paper's mIoU), a last column puts the paper's number beside ours."""
+    extra = [paper_label] if paper else []
+    lines = [f"### {title}", "", "| row | " + " | ".join([family_title(f) for f in families] + extra) + " |",
+             "|---|" + "---:|" * (len(families) + len(extra))]
     for row in ROWS:
         if row not in table:
             continue
@@ -461,6 +628,8 @@ def markdown_summary(table: dict, families: list[str], *, title: str, seeds: int
                 continue
             text = f"{entry['mean']:.1f} ± {entry['std']:.1f}"
             cells.append(text if entry["n"] == seeds else f"{text} (n={entry['n']})")
+        if paper:
+            cells.append(f"{paper[row]:.1f}" if row in paper else "-")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -490,6 +659,7 @@ def per_class_tables(cells: list[dict], families: list[str]) -> str:
 
 STYLE = {"Oracle": ("black", "*"), "Source-Only": ("tab:gray", "s"), "Joint-Train": ("tab:brown", "D"),
          "TENT": ("tab:orange", "^"), "DUA": ("tab:green", "v"), "AdaContrast": ("tab:purple", "P"),
+         "xMUDA": ("tab:olive", "h"), "MM-TTA": ("tab:pink", "d"),
          "TTT-KD-O": ("tab:cyan", "X"), "TTT-KD": ("tab:blue", "o"), SHUFFLED: ("tab:red", "x")}
 
 
@@ -540,13 +710,16 @@ def write_summary(out: Path, config: SuiteConfig) -> dict:
     table = summarise(cells, families)
     title = (f"embedded domain-shift suite `{config.name}`: mIoU (%) mean ± std over seeds "
              f"{', '.join(map(str, config.seeds))}")
-    text = markdown_summary(table, families, title=title, seeds=len(config.seeds))
+    place = config.place
+    text = markdown_summary(table, families, title=title, seeds=len(config.seeds), paper=place.paper,
+                            paper_label=place.paper_label)
     (out / "results.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n" + per_class_tables(cells, families))
     plots = [f"miou_vs_steps_{f}.png" for f in families if plot_family(table, f, out / f"miou_vs_steps_{f}.png")]
     record = {"suite": config.name, "config": asdict(config), "protocol": config.protocol(), **environment(),
-              "families": {f: {"changed": _changed("a" if f == IN_DISTRIBUTION else f),
-                               "parameters": asdict(DOMAINS["a" if f == IN_DISTRIBUTION else f])} for f in families},
+              "families": {f: dict(zip(("parameters", "changed"), domain_record(place, place.domains[f])))
+                           for f in families},
+              "paper": place.paper,
               "table": table, "plots": plots,
               "cells": [{k: c[k] for k in ("seed", "family", "row", "method", "device", "date")}
                         | {"miou": c["result"]["miou"], "miou_by_step": c["result"]["miou_by_step"]} for c in cells]}
