@@ -214,6 +214,8 @@ def accuracy(
     max_minutes: Annotated[Optional[float], typer.Option(help="suite: stop cleanly before this many minutes")] = None,
     jobs: Annotated[int, typer.Option(help="suite: processes on the device sharing the scenes of an offline TTT-KD "
                                            "cell (a GPU runs 2-4 at once; results do not change)")] = 1,
+    tf32: Annotated[bool, typer.Option(help="suite: TTT-KD on TF32 tensor cores (CUDA), cells of their own protocol: "
+                                            "compare with the fp32 cells of another --out")] = False,
 ):
     """The embedded domain-shift experiment. With --suite: every row on every shift family and seed,
     each cell saved as it finishes (a rerun resumes), then results.md (rows x families, mean ± std),
@@ -227,7 +229,7 @@ def accuracy(
     if suite is not None:
         _accuracy_suite(suite, out=out, families=families, seeds=seeds, rows=rows, teacher=teacher,
                         max_views=max_views, workers=workers, work=work, max_minutes=max_minutes, jobs=jobs,
-                        device=device or default_device())
+                        tf32=tf32, device=device or default_device())
         return
 
     config = ShiftConfig(scenes=scenes, workers=workers)
@@ -247,7 +249,7 @@ def accuracy(
 
 def _accuracy_suite(name: str, *, out: Path, families: str | None, seeds: str | None, rows: str | None, teacher: str,
                     max_views: int | None, workers: int, work: Path | None, max_minutes: float | None, jobs: int,
-                    device: str) -> None:
+                    tf32: bool, device: str) -> None:
     from dataclasses import replace
 
     from tttkd.suite import SUITES, run_suite
@@ -264,7 +266,8 @@ def _accuracy_suite(name: str, *, out: Path, families: str | None, seeds: str | 
     config = replace(config, families=tuple(f.strip() for f in families.split(",") if f.strip()) if families
                      else config.families, seeds=seed_list,
                      rows=tuple(r.strip() for r in rows.split(",")) if rows else config.rows, teacher=teacher,
-                     max_views=max_views, workers=max(workers, config.workers), jobs=jobs)  # gpu presets: >= 8 workers
+                     max_views=max_views, workers=max(workers, config.workers), jobs=jobs,  # gpu presets: >= 8 workers
+                     adapt=replace(config.adapt, tf32=tf32))
     try:
         run = run_suite(config, out, work=work, device=device, max_minutes=max_minutes,
                         log=lambda m: console.print(f"[bold]{m}[/bold]"), bars=True)

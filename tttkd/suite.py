@@ -496,7 +496,8 @@ def _scene_part(task: dict, scene_id: str, part: Path) -> float:
 def _quiet_worker(threads: int) -> None:
     import torch
 
-    torch.set_num_threads(threads)  # N workers with every core each would only contend
+    if not os.environ.get("OMP_NUM_THREADS"):  # an explicit setting (several suites on one host) wins
+        torch.set_num_threads(threads)  # N workers with every core each would only contend
 
 
 def _per_scene(task: dict, path: Path, scene_ids: list[str], *, jobs: int, clock: Clock, label: str,
