@@ -15,7 +15,8 @@ from .options import CacheOpt, DeviceOpt, fail
 
 console = Console()
 
-# outdoor: xMUDA's 3D network on xyz only, 5 cm voxels (xMUDA's scale 20; paper §4.2 "only 3D coordinates")
+# outdoor: xMUDA's 3D network on xyz only, 5 cm voxels (xMUDA's scale 20; paper §4.2 "only 3D coordinates"),
+# with xMUDA's LiDAR augmentation (augment.OUTDOOR_AUGMENTATION)
 TRAIN_PRESETS = {"outdoor": dict(model="scn_unet", input_features="xyz", voxel=0.05)}
 
 
@@ -32,7 +33,8 @@ def train(
     model: Annotated[str, typer.Option(help="minkunet34c (paper, indoors), scn_unet (xMUDA / MM-TTA's U-Net, outdoors: "
                                             "paper §4.2) or small (CPU)")] = "minkunet34c",
     preset: Annotated[Optional[str], typer.Option(help="outdoor: --model scn_unet --input-features xyz --voxel 0.05 "
-                                                      "(xMUDA's set-up, paper §4.2); explicit options win")] = None,
+                                                      "and xMUDA's LiDAR augmentation (no elastic, crop, colour "
+                                                      "or Mix3D): paper §4.2; explicit options win")] = None,
     split: Annotated[str, typer.Option(
         help="split of the cache to train on, or all (every complete scene); a split the cache lacks is an error")] = "train",
     val_split: Annotated[str, typer.Option(
@@ -51,6 +53,7 @@ def train(
     """Train the 3D network jointly on segmentation and on distilling the cached teacher features."""
 
     from tttkd import distributed
+    from tttkd.augment import OUTDOOR_AUGMENTATION, AugmentConfig
     from tttkd.data import DataConfig
     from tttkd.pipeline.job import default_device
     from tttkd.train import TrainConfig, train as run
@@ -65,7 +68,8 @@ def train(
                          split=None if split == "all" else split, validate=val_split != "none",
                          val_split=None if val_split in ("all", "none") else val_split,
                          bn_momentum=bn_momentum, seed=seed, workers=workers, memory_mb=memory_mb,
-                         data=replace(DataConfig(), voxel_size_m=voxel, input_features=input_features))
+                         data=replace(DataConfig(), voxel_size_m=voxel, input_features=input_features,
+                                      augment=OUTDOOR_AUGMENTATION if preset == "outdoor" else AugmentConfig()))
     device = device or default_device()
     if gpus > 1:  # spawn one process per GPU; process 0 writes the outputs
         try:

@@ -234,6 +234,12 @@ def test_cli_train_outdoor_preset_sets_xmuda_s_model_input_and_voxels(monkeypatc
     assert result.exit_code == 0, result.output
     config = seen["config"]
     assert (config.model, config.data.input_features, config.data.voxel_size_m) == ("scn_unet", "xyz", 0.05)
+    # xMUDA's LiDAR augmentation: rotation, flips, scale and translation, none of the indoor-only ones
+    augment = config.data.augment
+    assert augment.rotate and augment.mirror and augment.scale and augment.translate_m
+    assert (augment.elastic, augment.crop, augment.brightness, augment.mix3d_p) == (None, None, None, 0.0)
     CliRunner().invoke(app, ["train", "--cache", str(tmp_path), "--preset", "outdoor", "--voxel", "0.1",
                              "--device", "cpu"])
     assert seen["config"].data.voxel_size_m == 0.1 and seen["config"].model == "scn_unet"
+    CliRunner().invoke(app, ["train", "--cache", str(tmp_path), "--device", "cpu"])
+    assert seen["config"].data.augment.elastic and seen["config"].data.augment.mix3d_p == 0.5  # indoors: Pointcept's

@@ -48,6 +48,7 @@ from tttkd.pipeline.manifests import paper_label, paper_results
 from tttkd.pipeline.synth import DOMAINS, FAMILIES, FAMILY_FIELDS, generate
 
 from .adapt import AdaptConfig
+from .augment import OUTDOOR_AUGMENTATION
 from .data import DataConfig
 from .experiment import MULTIMODAL, MethodResult, markdown_table, run_method, scored_classes
 from .metrics import iou_per_class, mean_iou
@@ -168,7 +169,7 @@ def outdoor_suite() -> SuiteConfig:
         name="outdoor", setting="outdoor", scenes=80, val_fraction=0.2, views=1, families=("lidar", IN_DISTRIBUTION),
         rows=OUTDOOR_ROWS, seeds=(0, 1, 2), workers=8,
         train=TrainConfig(epochs=60, batch_size=4, model="scn_unet", bn_momentum=0.1, validate=False,
-                          data=DataConfig(voxel_size_m=0.05, input_features="xyz")),
+                          data=DataConfig(voxel_size_m=0.05, input_features="xyz", augment=OUTDOOR_AUGMENTATION)),
         adapt=AdaptConfig(steps=25, lr=0.1, rotations=4, kd_points=16384))
 
 
