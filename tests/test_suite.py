@@ -129,10 +129,53 @@ def test_processes_sharing_a_cells_scenes_give_the_cell_one_process_gives(split_
     assert replace(config, jobs=4).protocol() == config.protocol()
 
 
+def test_cells_name_the_trained_instance_they_used_and_the_table_says_when_a_seed_mixes_two(
+        split_cache, joint_checkpoint, tmp_path):
+    from tttkd.pipeline.teacher import file_sha256
+
+    config = tiny(seeds=(0,))
+    out = tmp_path / "out"
+    run(config, out, split_cache, joint_checkpoint)
+    cells = load_cells(out)
+    assert {c["model_sha256"] for c in cells} == {file_sha256(joint_checkpoint)}
+    assert "trained instances" not in (out / "results.md").read_text()
+    # a cell redone with a model retrained elsewhere (another digest): reported, not hidden
+    path = cell_path(out, 0, "sensor", "TTT-KD")
+    record = json.loads(path.read_text())
+    record["model_sha256"] = "f" * 64
+    write_json_atomic(path, record)
+    source_only = json.loads(cell_path(out, 0, "sensor", "Source-Only").read_text())
+    assert source_only["model_sha256"] == file_sha256(joint_checkpoint)
+    from tttkd.suite import write_summary
+
+    summary = write_summary(out, config)
+    assert summary["mixed_model_instances"] == []  # Source-Only and TTT-KD use different model roles
+    record["row"] = "control: TTT-KD, shuffled targets"  # same role (joint) as TTT-KD, the recorded digest
+    write_json_atomic(cell_path(out, 0, "sensor", record["row"]), {**record, "model_sha256": file_sha256(joint_checkpoint)})
+    summary = write_summary(out, replace(config, rows=config.rows + (record["row"],)))
+    assert summary["mixed_model_instances"] == ["seed 0, joint: 2 trained instances"]
+    assert "seed 0, joint: 2 trained instances" in (out / "results.md").read_text()
+
+
 def test_max_minutes_stops_cleanly_before_a_unit_that_would_not_fit(split_cache, joint_checkpoint, tmp_path):
     stopped = run(tiny(families=("sensor", "none")), tmp_path, split_cache, joint_checkpoint, max_minutes=0)
     assert stopped.stopped and stopped.done == 0 and stopped.total == 8 and load_cells(tmp_path) == []
     assert (tmp_path / "results.md").exists()
+
+
+def test_the_clock_remembers_the_longest_unit_of_each_kind_per_device_across_calls(tmp_path):
+    from tttkd.suite import Clock
+
+    record = tmp_path / "durations.json"
+    first = Clock(10, record, "gpu-x")
+    first.took("train", 300.0)
+    first.took("train", 100.0)
+    assert first.fits("train") and first.fits("ttt-kd")
+    later = Clock(4, record, "gpu-x")  # a later call of 4 minutes: a 5-minute training would not fit
+    assert not later.fits("train") and later.fits("ttt-kd")
+    assert Clock(4, record, "cpu").fits("train")  # another device's durations do not count
+    record.write_text("{not json")
+    assert Clock(4, record, "gpu-x").fits("train")  # a damaged record is ignored, never fatal
 
 
 def test_atomic_write_leaves_no_partial_file_and_mean_std_uses_the_sample_std(tmp_path):

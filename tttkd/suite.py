@@ -203,6 +203,38 @@ def read_cell(path: Path, protocol: dict) -> dict | None:
     return record
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def model_digest(path: Path) -> str:
+    """sha256 of a checkpoint (cached per path, size and mtime). GPU training is not bit-reproducible,
+    so a model retrained on a fresh machine for the same seed is another instance: the digest in
+    each cell shows which one it used."""
+    from tttkd.pipeline.teacher import file_sha256
+
+    stat = Path(path).stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(Path(path))
+    return _DIGESTS[key]
+
+
+def model_role(cell: dict) -> str:
+    """Which trained model a cell's row uses: source_only, joint, or the family's oracle."""
+    kind = next(k for r, _, k in ROW_PLAN if r == cell["row"])
+    return f"oracle of {cell['family']}" if kind == "oracle" else kind
+
+
+def mixed_instances(cells: list[dict]) -> list[str]:
+    """One line per (seed, model role) whose cells used more than one trained instance (or an
+    unrecorded one beside a recorded one): their differences include retraining noise."""
+    seen: dict[tuple, set] = {}
+    for cell in cells:
+        seen.setdefault((cell["seed"], model_role(cell)), set()).add(cell.get("model_sha256", "unrecorded"))
+    return [f"seed {seed}, {role}: {len(digests)} trained instances" for (seed, role), digests in sorted(seen.items())
+            if len(digests) > 1]
+
+
 def environment() -> dict:
     import torch
 
@@ -212,17 +244,33 @@ def environment() -> dict:
 
 class Clock:
     """Stops before a unit of work that would end past `max_minutes`, judging by the longest unit
-    of the same kind so far."""
+    of the same kind so far. With `record` (a JSON file), the longest units of earlier calls on the
+    same device count too, so the first unit of a kind in a call is not started blind."""
 
-    def __init__(self, max_minutes: float | None):
+    def __init__(self, max_minutes: float | None, record: Path | None = None, device: str = ""):
         self.deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+        self.record, self.device = record, device
         self.longest: dict[str, float] = {}
+        if record is not None:
+            try:
+                self.longest = {k: float(v) for k, v in json.loads(Path(record).read_text()).get(device, {}).items()}
+            except (OSError, ValueError, AttributeError, TypeError):
+                self.longest = {}
 
     def fits(self, kind: str) -> bool:
         return self.deadline is None or time.monotonic() + self.longest.get(kind, 0.0) < self.deadline
 
     def took(self, kind: str, seconds: float) -> None:
         self.longest[kind] = max(self.longest.get(kind, 0.0), seconds)
+        if self.record is not None:
+            try:
+                known = json.loads(Path(self.record).read_text())
+            except (OSError, ValueError):
+                known = {}
+            known = known if isinstance(known, dict) else {}
+            mine = known.get(self.device) if isinstance(known.get(self.device), dict) else {}
+            known[self.device] = mine | {k: max(v, float(mine.get(k, 0.0))) for k, v in self.longest.items()}
+            write_json_atomic(Path(self.record), known)
 
 
 class OutOfTime(Exception):
@@ -422,7 +470,7 @@ def run_suite(config: SuiteConfig, out: Path, *, work: Path | None = None, devic
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     out = Path(out)
-    clock = Clock(max_minutes)
+    clock = Clock(max_minutes, out / "durations.json", environment()["device"])
     space = workspace or Workspace(config, Path(work) if work else out / "work", device=device, log=log, clock=clock,
                                    bars=bars)
     protocol = config.protocol()
@@ -481,7 +529,7 @@ def _run_cell(space, config: SuiteConfig, seed: int, family: str, row: str, path
     write_json_atomic(path, {
         "suite": config.name, "setting": place.name, "protocol": protocol, "seed": seed, "family": family, "row": row,
         "method": method, "target_scenes": scene_ids, "classes": classes, "domain": parameters, "changed": changed,
-        **environment(), "result": asdict(result)})
+        "model_sha256": model_digest(checkpoint), **environment(), "result": asdict(result)})
 
 
 def _scene_part(task: dict, scene_id: str, part: Path) -> float:
@@ -715,15 +763,20 @@ def write_summary(out: Path, config: SuiteConfig) -> dict:
     place = config.place
     text = markdown_summary(table, families, title=title, seeds=len(config.seeds), paper=place.paper,
                             paper_label=place.paper_label)
+    mixed = mixed_instances(cells)
+    if mixed:
+        text += ("\nRows of one seed compared across trainings of the same config (models retrained on a fresh "
+                 "machine; GPU training is not bit-reproducible): " + "; ".join(mixed) + ".\n")
     (out / "results.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n" + per_class_tables(cells, families))
     plots = [f"miou_vs_steps_{f}.png" for f in families if plot_family(table, f, out / f"miou_vs_steps_{f}.png")]
     record = {"suite": config.name, "config": asdict(config), "protocol": config.protocol(), **environment(),
               "families": {f: dict(zip(("parameters", "changed"), domain_record(place, place.domains[f])))
                            for f in families},
-              "paper": place.paper,
+              "paper": place.paper, "mixed_model_instances": mixed,
               "table": table, "plots": plots,
               "cells": [{k: c[k] for k in ("seed", "family", "row", "method", "device", "date")}
+                        | {"model_sha256": c.get("model_sha256")}
                         | {"miou": c["result"]["miou"], "miou_by_step": c["result"]["miou_by_step"]} for c in cells]}
     write_json_atomic(out / "results.json", record)
     return record
