@@ -113,12 +113,16 @@ def train(
     steps: Annotated[int, typer.Option(help="timed steps (after 3 warm-up steps)")] = 20,
     voxel: Annotated[float, typer.Option(help="voxel size in metres")] = 0.04,
     memory_mb: Annotated[float, typer.Option(help="fast path: MB of decoded scenes per loader worker")] = 2048,
-    paths: Annotated[str, typer.Option(help="input paths timed: reference (the original), fast, or both")] = "reference,fast",
+    paths: Annotated[str, typer.Option(help="input paths timed, comma-separated: reference (the original input path, "
+                                             "an iterator per epoch), fast-epochs (the fast input path, an iterator "
+                                             "per epoch), fast (the trainer's: fast input, one iterator over all "
+                                             "epochs)")] = "reference,fast-epochs,fast",
     device: DeviceOpt = None,
     out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-train.json"),
 ):
     """Training step time, the fraction of it spent waiting on data and scenes/s, for the original
-    and the fast input path at each batch size, in one run."""
+    input path, the fast one with an iterator per epoch, and the trainer's (fast, one iterator over
+    all epochs), at each batch size, in one run."""
     from dataclasses import replace
 
     from tttkd.bench import bench_train
@@ -130,11 +134,12 @@ def train(
     try:
         for size in (int(b) for b in batch_size.split(",")):
             for path in paths.split(","):
-                if path not in ("reference", "fast"):
-                    fail(f"unknown input path {path!r}; choose reference, fast or both")
+                if path not in ("reference", "fast-epochs", "fast"):
+                    fail(f"unknown input path {path!r}; choose from reference, fast-epochs, fast")
                 config = TrainConfig(model=model, batch_size=size, workers=workers, memory_mb=memory_mb,
                                      reference_input=path == "reference", data=replace(DataConfig(), voxel_size_m=voxel))
-                rows.append(bench_train(cache, config, steps=steps, device=device or default_device()))
+                row = bench_train(cache, config, steps=steps, device=device or default_device(), span_epochs=path == "fast")
+                rows.append(row | {"path": path})
     except (OSError, ValueError) as e:
         fail(str(e))
     table = Table(title=f"tttkd bench train: {model} on {rows[0]['device']}, {workers} loader workers, "
@@ -143,7 +148,7 @@ def train(
                    "peak GPU GB"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(str(r["batch_size"]), r["input_path"], f"{r['voxels_per_batch']:.0f}", f"{r['ms_per_step']:.1f}",
+        table.add_row(str(r["batch_size"]), r["path"], f"{r['voxels_per_batch']:.0f}", f"{r['ms_per_step']:.1f}",
                       f"{r['ms_compute_per_step']:.1f}", f"{100 * r['data_wait_fraction']:.0f}%",
                       f"{r['scenes_per_s']:.1f}", "-" if r["peak_gpu_mem_gb"] is None else f"{r['peak_gpu_mem_gb']:.2f}")
     console.print(table)

@@ -130,6 +130,50 @@ def test_persistent_workers_give_the_same_batches_as_the_main_process(synth_cach
     assert batches[0] == batches[2] and batches[0][:2] != batches[0][2:]
 
 
+def test_one_loader_over_all_epochs_gives_the_per_epoch_batches_and_prefetches_across_epochs(synth_cache):
+    """EpochBatches / make_epoch_loader (what `train` uses) against make_loader epoch by epoch: the same
+    batches, also with workers and with each of 2 processes' shards; the workers run ahead into the
+    next epoch instead of starting it from nothing."""
+    from tttkd.data import EpochBatches, make_epoch_loader, make_loader
+
+    dataset = CacheDataset(synth_cache, ["scene0000_00", "scene0001_00", "scene0002_00"], replace(FAST, kd_points=64),
+                           train=True)
+    loader, sampler = make_loader(dataset, batch_size=2, shuffle=True, workers=0, seed=3)
+    expected = []
+    for epoch in (1, 2, 3):
+        sampler.set_epoch(epoch)
+        expected += [b.kd_target.sum().item() for b in loader]
+    for workers in (0, 2):
+        spanning, per_epoch = make_epoch_loader(dataset, batch_size=2, shuffle=True, workers=workers, seed=3,
+                                                epochs=range(1, 4))
+        assert per_epoch == 2 and len(spanning) == 6  # 3 scenes at batch 2: the last batch of an epoch is short
+        assert [b.kd_target.sum().item() for b in spanning] == expected
+    for world in (1, 2):
+        for rank in range(world):
+            ours = list(EpochBatches(5, 3, shuffle=True, seed=1, epochs=range(2, 4), rank=rank, world_size=world))
+            theirs = []
+            for epoch in (2, 3):
+                loader, sampler = make_loader(dataset, batch_size=3, shuffle=True, workers=0, seed=1, rank=rank,
+                                              world_size=world)
+                sampler.size = 5  # the indices only (no sample is built)
+                sampler.set_epoch(epoch)
+                batch_sampler = loader.batch_sampler
+                theirs += [list(b) for b in batch_sampler]
+            assert ours == theirs, (world, rank)
+    # the batch sampler runs ahead: with 2 workers prefetching 2 batches each, the first batch of epoch 2
+    # is asked for while epoch 1 is still being consumed
+    asked = []
+    batches = EpochBatches(3, 1, shuffle=False, seed=0, epochs=range(1, 3))
+    original = batches.sampler.set_epoch
+    batches.sampler.set_epoch = lambda epoch: asked.append(epoch) or original(epoch)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=2, prefetch_factor=2,
+                                         collate_fn=lambda samples: len(samples))
+    iterator = iter(loader)
+    next(iterator)
+    assert asked == [1, 2]  # one batch of epoch 1 taken, epoch 2's already requested
+    del iterator
+
+
 def test_resume_reproduces_the_next_steps_exactly(synth_cache, tmp_path, monkeypatch):
     train(synth_cache, tmp_path / "straight", tiny_config(), progress=False)
     # the same run, killed when its second epoch starts

@@ -11,14 +11,17 @@ import torch
 from tttkd.pipeline.bench import sync as _sync
 from tttkd.pipeline.cache import FeatureCache
 
-from .data import CacheDataset, in_channels, kd_basis, make_loader
+from .data import CacheDataset, EpochBatches, in_channels, kd_basis, make_epoch_loader, make_loader
 from .model import build_model, model_config
 from .train import TrainConfig, batch_losses, make_optimizer
 
 
-def bench_train(cache_path, config: TrainConfig, *, steps: int = 20, warmup: int = 3, device: str = "cpu") -> dict:
+def bench_train(cache_path, config: TrainConfig, *, steps: int = 20, warmup: int = 3, device: str = "cpu",
+                span_epochs: bool = True) -> dict:
     """Run `warmup + steps` training steps; time the wait for each batch and the compute of each step.
-    `config.reference_input` selects the original input path, `config.memory_mb` the loader's scene memory."""
+    `config.reference_input` selects the original input path, `config.memory_mb` the loader's scene
+    memory, `span_epochs` the trainer's loader (one iterator over all epochs) or the earlier one (a
+    fresh iterator every epoch, persistent workers)."""
     device = torch.device(device)
     cache = FeatureCache(cache_path)
     provenance = cache.provenance
@@ -33,39 +36,46 @@ def bench_train(cache_path, config: TrainConfig, *, steps: int = 20, warmup: int
     dataset = CacheDataset(cache_path, scene_ids, config.data, train=True, seed=config.seed,
                            memory_mb=config.memory_mb, reference=config.reference_input)
     basis = kd_basis(cache, device)
-    waits, computes, voxels, epoch = [], [], [], 0
+    waits, computes, voxels = [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loader_all, sampler = make_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
+    per_epoch = EpochBatches(len(dataset), config.batch_size, shuffle=True, seed=config.seed, epochs=range(1)).per_epoch()
+    epochs = range(-(-(steps + warmup) // per_epoch))
+    if span_epochs:  # the trainer's loader: one pass over as many epochs as the steps need
+        batches = iter(make_epoch_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
+                                         seed=config.seed, epochs=epochs)[0])
+    else:
+        loader, sampler = make_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
                                       seed=config.seed)
+
+        def per_epoch_iterators():
+            for epoch in epochs:
+                sampler.set_epoch(epoch)
+                yield from loader  # a fresh iterator each epoch: its first batch starts from nothing
+
+        batches = per_epoch_iterators()
     while len(computes) < steps + warmup:
-        sampler.set_epoch(epoch)
-        loader = iter(loader_all)
-        epoch += 1
-        while len(computes) < steps + warmup:
-            start = time.perf_counter()
-            try:
-                batch = next(loader).to(device)
-            except StopIteration:
-                break
-            _sync(device)
-            ready = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss, _, _ = batch_losses(model, batch, config, basis)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            _sync(device)
-            waits.append(ready - start)
-            computes.append(time.perf_counter() - ready)
-            voxels.append(len(batch.grid_coord))
+        start = time.perf_counter()
+        batch = next(batches).to(device)
+        _sync(device)
+        ready = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            loss, _, _ = batch_losses(model, batch, config, basis)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        _sync(device)
+        waits.append(ready - start)
+        computes.append(time.perf_counter() - ready)
+        voxels.append(len(batch.grid_coord))
     waits, computes, voxels = waits[warmup:], computes[warmup:], voxels[warmup:]
     total = sum(waits) + sum(computes)
     return {
         "model": config.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "amp": use_amp, "batch_size": config.batch_size, "workers": config.workers, "steps": steps,
         "input_path": "reference" if config.reference_input else "fast", "memory_mb": config.memory_mb,
+        "loader": "one iterator over all epochs" if span_epochs else "an iterator per epoch",
         "scenes": len(scene_ids), "scenes_per_s": config.batch_size * len(computes) / total,
         "voxels_per_batch": sum(voxels) / len(voxels), "ms_per_step": 1e3 * total / len(computes),
         "ms_compute_per_step": 1e3 * sum(computes) / len(computes), "data_wait_fraction": sum(waits) / total,

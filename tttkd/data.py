@@ -253,6 +253,51 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
         return full + (rest >= self.world_size)
 
 
+class EpochBatches(torch.utils.data.Sampler):
+    """The batches of several epochs in one pass: for each epoch in `epochs`, the batches a loader
+    over `EpochSampler` (or, with `world_size` > 1, `ShardedBatchSampler`) gives that epoch, the last
+    one short if the scenes do not divide. One iterator for the whole run lets the workers prefetch
+    across epoch boundaries; a fresh iterator per epoch makes the first batch of every epoch wait
+    for one worker to build all of it (on 16 scenes at batch 8: every other step)."""
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int, epochs: range, rank: int = 0,
+                 world_size: int = 1):
+        self.sampler = EpochSampler(size, shuffle=shuffle, seed=seed)
+        self.batch_size, self.epochs, self.rank, self.world_size = batch_size, epochs, rank, world_size
+        self.sharded = ShardedBatchSampler(self.sampler, batch_size, rank=rank, world_size=world_size) \
+            if world_size > 1 else None
+
+    def per_epoch(self) -> int:
+        return len(self.sharded) if self.sharded is not None else -(-self.sampler.size // self.batch_size)
+
+    def __iter__(self):
+        for epoch in self.epochs:
+            self.sampler.set_epoch(epoch)
+            if self.sharded is not None:
+                yield from self.sharded
+                continue
+            items = list(self.sampler)
+            for start in range(0, len(items), self.batch_size):
+                yield items[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return len(self.epochs) * self.per_epoch()
+
+
+def make_epoch_loader(dataset: CacheDataset, *, batch_size: int, shuffle: bool, workers: int, seed: int,
+                      epochs: range, rank: int = 0, world_size: int = 1) -> tuple[torch.utils.data.DataLoader, int]:
+    """A loader over every batch of `epochs` (`EpochBatches`) -> (loader, batches per epoch). The
+    batches are those of `make_loader` epoch by epoch; workers prefetch 2 batches each, across
+    epoch boundaries too."""
+    batches = EpochBatches(len(dataset), batch_size, shuffle=shuffle, seed=seed, epochs=epochs, rank=rank,
+                           world_size=world_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        prefetch_factor=2 if workers > 0 else None, pin_memory=torch.cuda.is_available(),
+    )
+    return loader, batches.per_epoch()
+
+
 def collate(samples: list[dict]) -> Batch:
     offsets = np.cumsum([0] + [len(s["grid_coord"]) for s in samples])
     cat = lambda key: torch.from_numpy(np.concatenate([s[key] for s in samples]))

@@ -20,7 +20,7 @@ from tttkd.pipeline.cache import FeatureCache
 
 from . import distributed
 from .checkpoint import check_classes, check_teacher, load_checkpoint, teacher_of
-from .data import CacheDataset, DataConfig, in_channels, kd_basis, make_loader
+from .data import CacheDataset, DataConfig, EpochBatches, in_channels, kd_basis, make_epoch_loader
 from .evaluate import evaluate
 from .loss import kd_loss, segmentation_loss
 from .model import build_model, model_config, sparse_input
@@ -154,9 +154,8 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
         model = distributed.convert_batch_norm(model)
     dataset = CacheDataset(cache_path, scene_ids, config.data, train=True, seed=config.seed,
                            memory_mb=config.memory_mb, reference=config.reference_input)
-    loader, sampler = make_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
-                                  seed=config.seed, rank=rank, world_size=world_size)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = EpochBatches(len(dataset), config.batch_size, shuffle=True, seed=config.seed, epochs=range(1),
+                                   rank=rank, world_size=world_size).per_epoch()
     optimizer, scheduler = make_optimizer(model, config, config.epochs * steps_per_epoch)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -177,15 +176,19 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # GlobalBatchNorm keeps the running statistics equal everywhere
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    # one loader for the remaining epochs: its workers prefetch the next epoch while this one ends
+    loader, _ = make_epoch_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
+                                  seed=config.seed, epochs=range(start_epoch, config.epochs), rank=rank,
+                                  world_size=world_size)
+    batches = iter(loader)
 
     with Progress(disable=not progress) as bar:
         for epoch in range(start_epoch, config.epochs):
             model.train()
             task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch)
-            sampler.set_epoch(epoch)
-            for batch in loader:
+            for _ in range(steps_per_epoch):
                 # batch
-                batch = batch.to(device)
+                batch = next(batches).to(device)
                 # forward + loss
                 share = None
                 if world_size > 1:  # this process's share of the global batch's labelled voxels and KD targets
