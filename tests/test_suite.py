@@ -142,7 +142,7 @@ def test_cells_name_the_trained_instance_they_used_and_the_table_says_when_a_see
     # a cell redone with a model retrained elsewhere (another digest): reported, not hidden
     path = cell_path(out, 0, "sensor", "TTT-KD")
     record = json.loads(path.read_text())
-    record["model_sha256"] = "f" * 64
+    record["model_sha256"], record["parts_model_sha256"] = "f" * 64, ["f" * 64]
     write_json_atomic(path, record)
     source_only = json.loads(cell_path(out, 0, "sensor", "Source-Only").read_text())
     assert source_only["model_sha256"] == file_sha256(joint_checkpoint)
@@ -151,10 +151,43 @@ def test_cells_name_the_trained_instance_they_used_and_the_table_says_when_a_see
     summary = write_summary(out, config)
     assert summary["mixed_model_instances"] == []  # Source-Only and TTT-KD use different model roles
     record["row"] = "control: TTT-KD, shuffled targets"  # same role (joint) as TTT-KD, the recorded digest
-    write_json_atomic(cell_path(out, 0, "sensor", record["row"]), {**record, "model_sha256": file_sha256(joint_checkpoint)})
+    write_json_atomic(cell_path(out, 0, "sensor", record["row"]), {
+        **record, "model_sha256": file_sha256(joint_checkpoint), "parts_model_sha256": [file_sha256(joint_checkpoint)]})
     summary = write_summary(out, replace(config, rows=config.rows + (record["row"],)))
     assert summary["mixed_model_instances"] == ["seed 0, joint: 2 trained instances"]
     assert "seed 0, joint: 2 trained instances" in (out / "results.md").read_text()
+
+    # an offline cell whose scenes were adapted by two instances (one call, then a retrained model)
+    out = tmp_path / "parts"
+    run(config, out, split_cache, joint_checkpoint)
+    ttt = cell_path(out, 0, "sensor", "TTT-KD")
+    part = ttt.with_suffix("") / "scene0002_00.json"
+    assert json.loads(part.read_text())["model_sha256"] == file_sha256(joint_checkpoint)
+    moved = json.loads(part.read_text())
+    write_json_atomic(part, {**moved, "model_sha256": "e" * 64})
+    ttt.unlink()
+    run(config, out, split_cache, joint_checkpoint)
+    assert sorted(json.loads(ttt.read_text())["parts_model_sha256"]) == sorted([file_sha256(joint_checkpoint), "e" * 64])
+    assert write_summary(out, config)["mixed_model_instances"] == ["seed 0, joint: 2 trained instances"]
+
+
+def test_processes_of_one_seed_each_sharing_an_out_folder_make_one_table_of_all_seeds(split_cache, joint_checkpoint,
+                                                                                    tmp_path):
+    from tttkd.suite import with_defaults
+
+    for seed in (0, 1):
+        run(tiny(seeds=(seed,), rows=("Source-Only",)), tmp_path, split_cache, joint_checkpoint)
+    table = (tmp_path / "results.md").read_text()
+    assert "mean ± std over seeds 0, 1" in table and "(n=" not in table.split("###")[1]
+    # cells written before `setting` and `adapt.tf32` existed are read as what they were
+    path = cell_path(tmp_path, 0, "sensor", "Source-Only")
+    record = json.loads(path.read_text())
+    old = json.loads(json.dumps(record["protocol"]))
+    del old["setting"], old["adapt"]["tf32"]
+    write_json_atomic(path, {**record, "protocol": old})
+    assert with_defaults(old) == record["protocol"]
+    again = run(tiny(seeds=(0,), rows=("Source-Only",)), tmp_path, split_cache, joint_checkpoint)
+    assert again.ran == [] and again.done == 1
 
 
 def test_max_minutes_stops_cleanly_before_a_unit_that_would_not_fit(split_cache, joint_checkpoint, tmp_path):
@@ -171,9 +204,13 @@ def test_the_clock_remembers_the_longest_unit_of_each_kind_per_device_across_cal
     first.took("train", 300.0)
     first.took("train", 100.0)
     assert first.fits("train") and first.fits("ttt-kd")
-    later = Clock(4, record, "gpu-x")  # a later call of 4 minutes: a 5-minute training would not fit
+    later = Clock(6, record, "gpu-x")  # a later call of 6 minutes, 2 of them gone: a 5-minute training waits
+    later.deadline -= 120
     assert not later.fits("train") and later.fits("ttt-kd")
-    assert Clock(4, record, "cpu").fits("train")  # another device's durations do not count
+    assert Clock(6, record, "cpu").fits("train")  # another device's durations do not count
+    # a unit recorded as longer than a whole call still starts first in one, or it would never run again
+    short = Clock(4, record, "gpu-x")
+    assert short.fits("train") and short.longest["train"] == 0.9 * 240
     record.write_text("{not json")
     assert Clock(4, record, "gpu-x").fits("train")  # a damaged record is ignored, never fatal
 

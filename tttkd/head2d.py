@@ -26,6 +26,7 @@ checkpoint's is.
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,10 +145,12 @@ def fit_head2d(cache_path: Path, checkpoint_path: Path, *, split: str | None = "
     feature, label = torch.from_numpy(feature).to(device), torch.from_numpy(label).to(device)
     head = fit_head2d_on(feature, label, len(class_names), config)
     path = head2d_path(checkpoint_path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # a killed fit leaves no half-written head
     torch.save({"head": head.state_dict(), "config": asdict(config), "feature_dim": head.feature_dim,
                 "class_names": class_names, "teacher": teacher_of(provenance), "dataset": provenance.get("dataset"),
                 "source_cache": str(cache_path), "points": int(len(label)),
-                "train_accuracy": accuracy(head, feature, label)}, path)
+                "train_accuracy": accuracy(head, feature, label)}, tmp)
+    os.replace(tmp, path)
     return path
 
 

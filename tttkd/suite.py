@@ -197,10 +197,22 @@ def read_cell(path: Path, protocol: dict) -> dict | None:
         return None
     if not isinstance(record, dict) or "result" not in record:
         return None
-    if record.get("protocol") != protocol:
+    if with_defaults(record.get("protocol")) != protocol:
         raise ValueError(f"{path}: made with another protocol (suite {record.get('suite')!r}); "
                          "use another --out for this one")
     return record
+
+
+def with_defaults(protocol) -> dict | None:
+    """A recorded protocol with the fields added since it was written at the values that kept the
+    earlier behaviour (setting "indoor", fp32 TTT), so older cells stay readable."""
+    if not isinstance(protocol, dict):
+        return protocol
+    protocol = json.loads(json.dumps(protocol))
+    protocol.setdefault("setting", "indoor")
+    if isinstance(protocol.get("adapt"), dict):
+        protocol["adapt"].setdefault("tf32", False)
+    return protocol
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -230,7 +242,8 @@ def mixed_instances(cells: list[dict]) -> list[str]:
     unrecorded one beside a recorded one): their differences include retraining noise."""
     seen: dict[tuple, set] = {}
     for cell in cells:
-        seen.setdefault((cell["seed"], model_role(cell)), set()).add(cell.get("model_sha256", "unrecorded"))
+        digests = cell.get("parts_model_sha256") or [cell.get("model_sha256") or "unrecorded"]
+        seen.setdefault((cell["seed"], model_role(cell)), set()).update(digests)
     return [f"seed {seed}, {role}: {len(digests)} trained instances" for (seed, role), digests in sorted(seen.items())
             if len(digests) > 1]
 
@@ -256,6 +269,8 @@ class Clock:
                 self.longest = {k: float(v) for k, v in json.loads(Path(record).read_text()).get(device, {}).items()}
             except (OSError, ValueError, AttributeError, TypeError):
                 self.longest = {}
+            if max_minutes is not None:  # a unit longer than a whole call must still start first in one
+                self.longest = {k: min(v, 0.9 * 60 * max_minutes) for k, v in self.longest.items()}
 
     def fits(self, kind: str) -> bool:
         return self.deadline is None or time.monotonic() + self.longest.get(kind, 0.0) < self.deadline
@@ -270,7 +285,10 @@ class Clock:
             known = known if isinstance(known, dict) else {}
             mine = known.get(self.device) if isinstance(known.get(self.device), dict) else {}
             known[self.device] = mine | {k: max(v, float(mine.get(k, 0.0))) for k, v in self.longest.items()}
-            write_json_atomic(Path(self.record), known)
+            try:
+                write_json_atomic(Path(self.record), known)
+            except OSError:  # a hint for later calls, never worth losing the work it times
+                pass
 
 
 class OutOfTime(Exception):
@@ -470,7 +488,10 @@ def run_suite(config: SuiteConfig, out: Path, *, work: Path | None = None, devic
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     out = Path(out)
-    clock = Clock(max_minutes, out / "durations.json", environment()["device"])
+    import torch
+
+    clock = Clock(max_minutes, out / "durations.json",
+                  "cpu" if torch.device(device).type == "cpu" else environment()["device"])
     space = workspace or Workspace(config, Path(work) if work else out / "work", device=device, log=log, clock=clock,
                                    bars=bars)
     protocol = config.protocol()
@@ -511,8 +532,9 @@ def _run_cell(space, config: SuiteConfig, seed: int, family: str, row: str, path
     if method in PER_SCENE:
         task = dict(row=row, method=method, checkpoint=checkpoint, cache=cache, config=adapt, device=space.device,
                     classes=classes, protocol=protocol)
-        parts = _per_scene(task, path, scene_ids, jobs=config.jobs, clock=clock, label=label, log=log)
-        result = combine([parts[s] for s in scene_ids])
+        part_records = _per_scene(task, path, scene_ids, jobs=config.jobs, clock=clock, label=label, log=log)
+        result = combine([MethodResult(**part_records[s]["result"]) for s in scene_ids])
+        part_records = [part_records[s] for s in scene_ids]
     else:
         if not clock.fits(method):
             raise OutOfTime(label)
@@ -524,12 +546,16 @@ def _run_cell(space, config: SuiteConfig, seed: int, family: str, row: str, path
 
         result = run_method(row, method, checkpoint, cache, scene_ids, config=adapt, device=space.device,
                             classes=classes, progress=progress, head2d=head2d)
-        clock.took(method, time.monotonic() - start)
+    digest = model_digest(checkpoint)
+    # an offline cell's scenes may come from several calls: every model instance its parts used
+    digests = sorted({p.get("model_sha256") or "unrecorded" for p in part_records}) if method in PER_SCENE else [digest]
     parameters, changed = domain_record(place, target)
     write_json_atomic(path, {
         "suite": config.name, "setting": place.name, "protocol": protocol, "seed": seed, "family": family, "row": row,
         "method": method, "target_scenes": scene_ids, "classes": classes, "domain": parameters, "changed": changed,
-        "model_sha256": model_digest(checkpoint), **environment(), "result": asdict(result)})
+        "model_sha256": digest, "parts_model_sha256": digests, **environment(), "result": asdict(result)})
+    if method not in PER_SCENE:
+        clock.took(method, time.monotonic() - start)
 
 
 def _scene_part(task: dict, scene_id: str, part: Path) -> float:
@@ -538,7 +564,8 @@ def _scene_part(task: dict, scene_id: str, part: Path) -> float:
     began = time.monotonic()
     result = run_method(task["row"], task["method"], task["checkpoint"], task["cache"], [scene_id],
                         config=task["config"], device=task["device"], classes=task["classes"])
-    write_json_atomic(part, {"protocol": task["protocol"], "result": asdict(result)})
+    write_json_atomic(part, {"protocol": task["protocol"], "model_sha256": model_digest(task["checkpoint"]),
+                             "result": asdict(result)})
     return time.monotonic() - began
 
 
@@ -550,9 +577,9 @@ def _quiet_worker(threads: int) -> None:
 
 
 def _per_scene(task: dict, path: Path, scene_ids: list[str], *, jobs: int, clock: Clock, label: str,
-               log) -> dict[str, MethodResult]:
-    """Every scene's part of an offline cell (saved ones are read back), computed by `jobs` processes;
-    stops (OutOfTime) before starting a scene that would end past the clock's deadline."""
+               log) -> dict[str, dict]:
+    """Every scene's part record of an offline cell (saved ones are read back), computed by `jobs`
+    processes; stops (OutOfTime) before starting a scene that would end past the clock's deadline."""
     parts = {}
     todo = []
     for scene_id in scene_ids:
@@ -560,14 +587,13 @@ def _per_scene(task: dict, path: Path, scene_ids: list[str], *, jobs: int, clock
         if record is None:
             todo.append(scene_id)
         else:
-            parts[scene_id] = MethodResult(**record["result"])
+            parts[scene_id] = record
     method = task["method"]
     count = len(scene_ids)
 
     def finished(scene_id: str, seconds: float) -> None:
         clock.took(method, seconds)
-        record = read_cell(path.with_suffix("") / f"{scene_id}.json", task["protocol"])
-        parts[scene_id] = MethodResult(**record["result"])
+        parts[scene_id] = read_cell(path.with_suffix("") / f"{scene_id}.json", task["protocol"])
         log(f"{label}: scene {len(parts)}/{count} ({scene_id}, {seconds:.0f} s)")
 
     if jobs <= 1 or len(todo) <= 1:
@@ -755,20 +781,23 @@ def write_summary(out: Path, config: SuiteConfig) -> dict:
     """results.json, results.md (rows x families, then per-class tables) and one plot per family,
     from the cells alone."""
     out = Path(out)
-    cells = [c for c in load_cells(out) if c.get("protocol") == config.protocol()]
+    cells = [c for c in load_cells(out) if with_defaults(c.get("protocol")) == config.protocol()]
     families = [f for f in config.families if any(c["family"] == f for c in cells)]
     table = summarise(cells, families)
-    title = (f"embedded domain-shift suite `{config.name}`: mIoU (%) mean ± std over seeds "
-             f"{', '.join(map(str, config.seeds))}")
+    # the seeds of the cells in `out`: several processes (one seed each) may share it
+    seeds = sorted({c["seed"] for c in cells} | set(config.seeds))
+    title = f"embedded domain-shift suite `{config.name}`: mIoU (%) mean ± std over seeds {', '.join(map(str, seeds))}"
     place = config.place
-    text = markdown_summary(table, families, title=title, seeds=len(config.seeds), paper=place.paper,
+    text = markdown_summary(table, families, title=title, seeds=len(seeds), paper=place.paper,
                             paper_label=place.paper_label)
     mixed = mixed_instances(cells)
     if mixed:
         text += ("\nRows of one seed compared across trainings of the same config (models retrained on a fresh "
                  "machine; GPU training is not bit-reproducible): " + "; ".join(mixed) + ".\n")
-    (out / "results.md").parent.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text + "\n" + per_class_tables(cells, families))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"results.md.tmp{os.getpid()}"  # processes sharing `out` never leave a torn file
+    tmp.write_text(text + "\n" + per_class_tables(cells, families))
+    os.replace(tmp, out / "results.md")
     plots = [f"miou_vs_steps_{f}.png" for f in families if plot_family(table, f, out / f"miou_vs_steps_{f}.png")]
     record = {"suite": config.name, "config": asdict(config), "protocol": config.protocol(), **environment(),
               "families": {f: dict(zip(("parameters", "changed"), domain_record(place, place.domains[f])))
