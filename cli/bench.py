@@ -284,6 +284,28 @@ def _accuracy_suite(name: str, *, out: Path, families: str | None, seeds: str | 
                                                           if run.stopped else ""))
 
 
+@app.command("ablation")
+def ablation(
+    runs: Annotated[str, typer.Option(help="suite --out folders, comma-separated, one per value of the ablated "
+                                           "setting (--max-views or --teacher)")],
+    out: Annotated[Path, typer.Option(help="folder for ablation.md, ablation.json, ablation_<family>.png")] =
+        Path("ablation"),
+    rows: Annotated[str, typer.Option(help="rows to compare, comma-separated")] = "Joint-Train,TTT-KD",
+):
+    """Suite runs that differ in one setting side by side: mIoU (mean ± std over seeds) against views
+    per scene (paper Fig. 4b) or against the teacher, per family, as a table and plots."""
+    from tttkd.ablation import write_ablation
+
+    try:
+        table = write_ablation([Path(r.strip()) for r in runs.split(",") if r.strip()], out,
+                               rows=tuple(r.strip() for r in rows.split(",") if r.strip()))
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    console.print((out / "ablation.md").read_text())
+    console.print(f"ablation of {table['setting']} over {len(table['values'])} runs: {out}/ablation.md, "
+                  f"ablation.json and {len(table['plots'])} plot(s)")
+
+
 @app.command("visibility")
 def visibility(
     tolerances: Annotated[str, typer.Option(help="relative:absolute_m pairs, comma-separated")] = "0.25:0,0.01:0,0.005:0.02,0:0.04",
