@@ -23,6 +23,7 @@ from pathlib import Path
 
 import dask
 import torch
+import zarr
 
 import tttkd
 
@@ -70,8 +71,8 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
                  decoders: int, store: Path, split: str | None) -> list[SceneResult]:
     """A group of scenes through the fast path (one stream of teacher batches across them).
 
-    A failure midway fails only the scenes not yet yielded: those before it are written and marked
-    complete. A decoding or writing process that dies (OOM killer, SIGBUS on a full /dev/shm) breaks
+    A failure midway fails only the scenes neither yielded nor complete in the store: those yielded
+    are written and marked complete, and so may be one a writer finished before the failure. A decoding or writing process that dies (OOM killer, SIGBUS on a full /dev/shm) breaks
     its pool for good, so the worker's pools are dropped and the next group starts new ones."""
     from concurrent.futures import BrokenExecutor
 
@@ -97,8 +98,23 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
             _drop_worker_pools()
             reason = f"a decoding/writing process died ({reason})"
         yielded = {r.scene_id for r in results}
-        return results + [SceneResult(s, "failed", reason=f"scene {s}: {reason}", seconds=time.perf_counter() - start)
+        return results + [written_or_failed(store, s, f"scene {s}: {reason}", seconds=time.perf_counter() - start)
                           for s in scene_ids if s not in yielded]
+
+
+def written_or_failed(store: Path, scene_id: str, reason: str, *, seconds: float = 0.0) -> SceneResult:
+    """The outcome of a scene whose task failed before reporting it: done if the store holds it
+    complete (a writer finished all its arrays before the failure; only a scene that was not complete
+    when the run began is ever given to a task), else failed with `reason`."""
+    try:
+        attrs = dict(zarr.open_group(Path(store) / "scenes" / check_scene_id(scene_id), mode="r", zarr_format=3).attrs)
+    except (OSError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+        attrs = {}
+    if attrs.get("complete") is not True:
+        return SceneResult(scene_id, "failed", reason=reason, seconds=seconds)
+    return SceneResult(scene_id, "done", num_points=int(attrs.get("num_points", 0)),
+                       num_seen=int(attrs.get("num_seen", 0)), num_views=int(attrs.get("num_views", 0)),
+                       views_skipped=dict(attrs.get("views_skipped") or {}), seconds=seconds)
 
 
 def _drop_worker_pools() -> None:
@@ -191,7 +207,8 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
                                      weights=weights, device=device, threads=threads, store=Path(out).resolve(),
                                      split=split, pure=False)
                 scenes_of = {f: [s] for f, s in zip(futures, todo)}
-            _collect(as_completed(futures), scenes_of, report, total=len(todo), progress=progress)
+            _collect(as_completed(futures), scenes_of, report, total=len(todo), progress=progress,
+                     store=Path(out).resolve())
         finally:
             client.close()
             if cluster is not None:
@@ -208,7 +225,7 @@ def _groups(scene_ids: list[str], workers: int) -> list[list[str]]:
     return [scene_ids[i: i + size] for i in range(0, len(scene_ids), size)]
 
 
-def _collect(results, scenes_of: dict, report: ExtractReport, *, total: int, progress: bool) -> None:
+def _collect(results, scenes_of: dict, report: ExtractReport, *, total: int, progress: bool, store: Path) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -220,7 +237,7 @@ def _collect(results, scenes_of: dict, report: ExtractReport, *, total: int, pro
                 outcome = future.result()
                 outcome = outcome if isinstance(outcome, list) else [outcome]
             except Exception as e:  # the task's workers died (distributed.KilledWorker), or it was lost
-                outcome = [SceneResult(s, "failed", reason=f"{type(e).__name__}: {e}") for s in scenes_of[future]]
+                outcome = [written_or_failed(store, s, f"{type(e).__name__}: {e}") for s in scenes_of[future]]
             for result in outcome:
                 _count(result, report, bar)
                 bar.update(task, advance=1, images=report.images, failed=len(report.failed))

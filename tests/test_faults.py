@@ -318,10 +318,14 @@ def test_a_group_failing_midway_keeps_its_written_scenes_and_drops_broken_pools(
     monkeypatch.setattr(batched, "process_pool", lambda n: made.append(_Pool()) or made[-1])
     fail = {"RuntimeError": RuntimeError("teacher blew up"), "BrokenProcessPool": BrokenProcessPool("child died")}
 
-    def extract_scenes(reader, scene_ids, *, pool, writers, **kwargs):
+    def extract_scenes(reader, scene_ids, *, pool, writers, store, **kwargs):
         assert (pool, writers) == (job._worker_pools["decode"], job._worker_pools["write"])
         yield SceneResult(scene_ids[0], "done", num_views=2)
         if scene_ids[0] == IDS[0]:
+            # a writer completed the second scene, but the failure came before it was yielded
+            zarr.open_group(store / "scenes" / scene_ids[1], mode="w", zarr_format=3).attrs.update(
+                {"complete": True, "num_points": 50, "num_seen": 40, "num_views": 3, "views_skipped": {"blurry": 1}})
+            zarr.open_group(store / "scenes" / scene_ids[2], mode="w", zarr_format=3).attrs.update({"complete": False})
             raise fail[error]
         yield from (SceneResult(s, "done", num_views=2) for s in scene_ids[1:])
 
@@ -329,8 +333,10 @@ def test_a_group_failing_midway_keeps_its_written_scenes_and_drops_broken_pools(
     task = dict(config=PrepConfig(dataset="scannet", root=tmp_path, teacher="efficientnet_lite0"), weights=None,
                 device="cpu", gpus=None, decoders=2, store=tmp_path / "store.zarr", split="train")
     results = job._scenes_task(IDS, **task)
-    assert [(r.scene_id, r.status) for r in results] == [(IDS[0], "done"), (IDS[1], "failed"), (IDS[2], "failed")]
-    for r in results[1:]:
+    assert [(r.scene_id, r.status) for r in results] == [(IDS[0], "done"), (IDS[1], "done"), (IDS[2], "failed")]
+    assert (results[1].num_points, results[1].num_seen, results[1].num_views, results[1].views_skipped) == (
+        50, 40, 3, {"blurry": 1})  # reported from the store, as the writer left it
+    for r in results[2:]:
         assert r.reason.startswith(f"scene {r.scene_id}: ") and "\n" not in r.reason
         assert ("a decoding/writing process died" in r.reason) == (error == "BrokenProcessPool"), r.reason
     first = made[:2]
