@@ -11,7 +11,7 @@ import torch
 from tttkd.pipeline.bench import sync as _sync
 from tttkd.pipeline.cache import FeatureCache
 
-from .data import CacheDataset, EpochBatches, in_channels, kd_basis, make_epoch_loader, make_loader
+from .data import CacheDataset, batches_per_epoch, in_channels, kd_basis, make_epoch_loader, make_loader
 from .model import build_model, model_config
 from .train import TrainConfig, batch_losses, make_optimizer
 
@@ -39,8 +39,7 @@ def bench_train(cache_path, config: TrainConfig, *, steps: int = 20, warmup: int
     waits, computes, voxels = [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    per_epoch = EpochBatches(len(dataset), config.batch_size, shuffle=True, seed=config.seed, epochs=range(1)).per_epoch()
-    epochs = range(-(-(steps + warmup) // per_epoch))
+    epochs = range(-(-(steps + warmup) // batches_per_epoch(len(dataset), config.batch_size)))
     if span_epochs:  # the trainer's loader: one pass over as many epochs as the steps need
         batches = iter(make_epoch_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
                                          seed=config.seed, epochs=epochs)[0])

@@ -249,8 +249,7 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
                 yield [batch[i] for i in np.array_split(np.arange(len(batch)), self.world_size)[self.rank]]
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.sampler), self.batch_size)
-        return full + (rest >= self.world_size)
+        return batches_per_epoch(len(self.sampler), self.batch_size, world_size=self.world_size)
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -268,7 +267,7 @@ class EpochBatches(torch.utils.data.Sampler):
             if world_size > 1 else None
 
     def per_epoch(self) -> int:
-        return len(self.sharded) if self.sharded is not None else -(-self.sampler.size // self.batch_size)
+        return batches_per_epoch(self.sampler.size, self.batch_size, world_size=self.world_size)
 
     def __iter__(self):
         for epoch in self.epochs:
@@ -282,6 +281,13 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.epochs) * self.per_epoch()
+
+
+def batches_per_epoch(size: int, batch_size: int, *, world_size: int = 1) -> int:
+    """Batches (steps) in one epoch of `EpochBatches`: the last one short, or, with several
+    processes, dropped when it has fewer scenes than processes."""
+    full, rest = divmod(size, batch_size)
+    return full + (rest >= world_size if world_size > 1 else rest > 0)
 
 
 def make_epoch_loader(dataset: CacheDataset, *, batch_size: int, shuffle: bool, workers: int, seed: int,

@@ -381,7 +381,7 @@ class Workspace:
             for d in todo:
                 write_json_atomic(self.root(d, seed) / "generated.json",
                                   {"domain": d, "seed": seed, "scenes": self.config.scenes,
-                                   "parameters": asdict(streets.DOMAINS[d])})
+                                   "parameters": domain_record(self.config.place, d)[0]})
 
     def _expected_scenes(self) -> int:
         if self.config.setting == "outdoor":  # the train and test frames are extracted (val: not used)
@@ -529,12 +529,14 @@ def _run_cell(space, config: SuiteConfig, seed: int, family: str, row: str, path
     adapt = replace(config.adapt, seed=seed)
     label = f"seed {seed} · {family} · {row}"
     start = time.monotonic()
+    digest = model_digest(checkpoint)
     if method in PER_SCENE:
         task = dict(row=row, method=method, checkpoint=checkpoint, cache=cache, config=adapt, device=space.device,
                     classes=classes, protocol=protocol)
-        part_records = _per_scene(task, path, scene_ids, jobs=config.jobs, clock=clock, label=label, log=log)
-        result = combine([MethodResult(**part_records[s]["result"]) for s in scene_ids])
-        part_records = [part_records[s] for s in scene_ids]
+        parts = _per_scene(task, path, scene_ids, jobs=config.jobs, clock=clock, label=label, log=log)
+        result = combine([MethodResult(**parts[s]["result"]) for s in scene_ids])
+        # the scenes may come from several calls: every model instance they used
+        digests = sorted({parts[s].get("model_sha256") or "unrecorded" for s in scene_ids})
     else:
         if not clock.fits(method):
             raise OutOfTime(label)
@@ -546,9 +548,7 @@ def _run_cell(space, config: SuiteConfig, seed: int, family: str, row: str, path
 
         result = run_method(row, method, checkpoint, cache, scene_ids, config=adapt, device=space.device,
                             classes=classes, progress=progress, head2d=head2d)
-    digest = model_digest(checkpoint)
-    # an offline cell's scenes may come from several calls: every model instance its parts used
-    digests = sorted({p.get("model_sha256") or "unrecorded" for p in part_records}) if method in PER_SCENE else [digest]
+        digests = [digest]
     parameters, changed = domain_record(place, target)
     write_json_atomic(path, {
         "suite": config.name, "setting": place.name, "protocol": protocol, "seed": seed, "family": family, "row": row,

@@ -20,7 +20,7 @@ from tttkd.pipeline.cache import FeatureCache
 
 from . import distributed
 from .checkpoint import check_classes, check_teacher, load_checkpoint, teacher_of
-from .data import CacheDataset, DataConfig, EpochBatches, in_channels, kd_basis, make_epoch_loader
+from .data import CacheDataset, DataConfig, batches_per_epoch, in_channels, kd_basis, make_epoch_loader
 from .evaluate import evaluate
 from .loss import kd_loss, segmentation_loss
 from .model import build_model, model_config, sparse_input
@@ -154,8 +154,7 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
         model = distributed.convert_batch_norm(model)
     dataset = CacheDataset(cache_path, scene_ids, config.data, train=True, seed=config.seed,
                            memory_mb=config.memory_mb, reference=config.reference_input)
-    steps_per_epoch = EpochBatches(len(dataset), config.batch_size, shuffle=True, seed=config.seed, epochs=range(1),
-                                   rank=rank, world_size=world_size).per_epoch()
+    steps_per_epoch = batches_per_epoch(len(dataset), config.batch_size, world_size=world_size)
     optimizer, scheduler = make_optimizer(model, config, config.epochs * steps_per_epoch)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
