@@ -280,3 +280,29 @@ def test_tf32_steps_stay_close_to_fp32_on_cuda():
     errors = relative_error(update(ptf), update(p32)), relative_error(ytf, y32)
     assert errors[0] < 5e-2 and errors[1] < 2e-2, errors
     assert errors[0] > 0, "TF32 left every update bit-identical: the switch did not reach spconv's kernels"
+
+
+def test_a_ttt_step_with_recorded_pairs_allocates_nothing_outside_torchs_allocator():
+    """spconv's 5^3 stem runs Native even on CUDA, and its backward made cumm cudaMalloc and cudaFree
+    a split-K workspace for every kernel offset with pairs, every step (each cudaFree a wait for
+    the whole device). With the pairs recorded, the stem is a gather and a product (model.GatherStem):
+    the step's only device allocations are those of torch's caching allocator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, cuda = twin_models()
+    scene = room_scene(40_000, kd_dim=KD_DIM, device="cuda")
+    adapter = TTTKD(copy.deepcopy(cuda), AdaptConfig(lr=0.1, kd_points=4096))
+    view = rotated(scene, 0.3, DATA, "cuda")
+    kd_voxels, rows = adapter.plan_targets(scene, view, np.random.default_rng(0), steps=6)
+    for t in range(3):  # records the pairs, gathers the stem, lets spconv tune its kernels
+        adapter.step(view, kd_voxels[t], scene.feature[rows[t]])
+    assert view.pairs._stem is not None, "the stem was not gathered: spconv's Native stem still runs"
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats().get("segment.all.allocated", 0)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for t in range(3, 6):
+            adapter.step(view, kd_voxels[t], scene.feature[rows[t]])
+        torch.cuda.synchronize()
+    by_torch = torch.cuda.memory_stats().get("segment.all.allocated", 0) - before
+    counts = {e.key: e.count for e in prof.key_averages() if e.key in ("cudaMalloc", "cudaFree")}
+    assert counts.get("cudaMalloc", 0) <= by_torch and counts.get("cudaFree", 0) == 0, (counts, by_torch)

@@ -150,3 +150,74 @@ def test_tf32_switch_is_scoped_and_leaves_cpu_steps_unchanged(room):
         assert torch.equal(losses[0], losses[1])
     assert flags() == before
     torch.testing.assert_close(tf32.predict(views[tf32]), fp32.predict(views[fp32]), rtol=0, atol=0)
+
+
+def blob_voxels(n: int = 6_000, seed: int = 0, dtype=torch.float64):
+    """Voxels filling a 3-D blob (every kernel offset has pairs), 6 input channels."""
+    from tttkd.model import sparse_input
+
+    rng = np.random.default_rng(seed)
+    grid = np.unique(rng.integers(0, 28, size=(n, 3)), axis=0).astype(np.int32)
+    features = torch.from_numpy(rng.standard_normal((len(grid), 6))).to(dtype)
+    return sparse_input(torch.from_numpy(grid), torch.zeros(len(grid), dtype=torch.int32), features, 1)
+
+
+def test_the_gathered_stem_is_spconvs_5x5x5_stem_with_its_gradients():
+    """GatherStem (one gather and one product over a neighbour table) against spconv's Native 5^3
+    submanifold conv of MinkUNet34C in float64: outputs, weight and input gradients."""
+    from tttkd.model import GatherStem
+
+    torch.manual_seed(0)
+    conv = build_model(model_config("minkunet34c", kd_dim=16, num_classes=20)).backbone.conv_input[0].double()
+    voxels = blob_voxels()
+    recorded = conv(voxels)  # records the stem's pairs
+    voxels = type(voxels)(voxels.features.clone().requires_grad_(), voxels.indices, voxels.spatial_shape, 1,
+                          indice_dict=dict(recorded.indice_dict))
+    stem = GatherStem.of(conv, voxels)
+    assert stem is not None and stem.neighbours.shape == (len(voxels.indices), 125)
+    assert (stem.neighbours[:, 62] == torch.arange(len(voxels.indices))).all()  # the centre is the voxel itself
+    upstream = torch.randn(len(voxels.indices), 32, dtype=torch.float64)
+    results = []
+    for run in (lambda f: conv(type(voxels)(f, voxels.indices, voxels.spatial_shape, 1,
+                                            indice_dict=dict(recorded.indice_dict))).features,
+                lambda f: stem(f, conv.weight)):
+        conv.zero_grad()
+        features = voxels.features.detach().clone().requires_grad_()
+        out = run(features)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), conv.weight.grad.clone(), features.grad.clone()))
+    for name, ours, spconvs in zip(("output", "weight gradient", "input gradient"), results[1], results[0]):
+        torch.testing.assert_close(ours, spconvs, rtol=1e-10, atol=1e-10, msg=name)
+    assert results[0][1].abs().max() > 0
+
+
+def test_ttt_steps_after_the_first_run_the_gathered_stem_not_spconvs(room, monkeypatch):
+    from spconv.pytorch import conv as spconv_conv
+
+    calls = []
+    forward = spconv_conv.SparseConvolution.forward
+    monkeypatch.setattr(spconv_conv.SparseConvolution, "forward",
+                        lambda self, x, *a, **k: calls.append(self.indice_key) or forward(self, x, *a, **k))
+    fast = adapter(True)
+    view = rotated(room, 0.5, DATA, "cpu")
+    kd_voxels, rows = fast.plan_targets(room, view, np.random.default_rng(0), steps=3)
+    fast.step(view, kd_voxels[0], room.feature[rows[0]])
+    assert view.pairs._stem is not None and calls.count("stem") == 2  # the recording forward and the check
+    calls.clear()
+    for t in (1, 2):
+        fast.step(view, kd_voxels[t], room.feature[rows[t]])
+    fast.predict(view)
+    assert "stem" not in calls and len(calls) > 0
+
+
+def test_a_stem_table_that_disagrees_with_spconv_is_refused_and_spconvs_stem_kept(monkeypatch):
+    from tttkd.model import GatherStem
+
+    conv = build_model(model_config("minkunet34c", kd_dim=16, num_classes=20)).backbone.conv_input[0].double()
+    voxels = blob_voxels(3_000)
+    recorded = conv(voxels)
+    voxels = type(voxels)(voxels.features, voxels.indices, voxels.spatial_shape, 1, indice_dict=dict(recorded.indice_dict))
+    table = GatherStem.table
+    monkeypatch.setattr(GatherStem, "table", staticmethod(lambda pairs, n: table(pairs, n).flip(1)))  # offsets reversed
+    with pytest.warns(UserWarning, match="spconv's stem is kept"):
+        assert GatherStem.of(conv, voxels) is None

@@ -139,10 +139,18 @@ class Backbone(nn.Module):
     def forward(self, x):
         return self.forward_sparse(x).features  # (V, 96), in the input's voxel order
 
-    def forward_sparse(self, x):
+    def forward_sparse(self, x, stem: "GatherStem | None" = None):
         """-> the last layer's SparseConvTensor, whose `indice_dict` holds every conv's index pairs
-        for these voxels. Given back with the input (`with_pairs`), they are reused, not rebuilt."""
-        x = self.conv_input(x)
+        for these voxels. Given back with the input (`with_pairs`), they are reused, not rebuilt.
+        `stem`: the stem conv as a gather and a matrix product (`gather_stem`) instead of spconv's."""
+        if stem is None:
+            x = self.conv_input(x)
+        else:
+            conv, *rest = self.conv_input
+            y = stem(x.features, conv.weight)
+            for module in rest:
+                y = module(y)
+            x = x.replace_feature(y)
         skips = [x]
         for down, enc in zip(self.down, self.enc):
             x = enc(_downsample(down, x))
@@ -153,6 +161,109 @@ class Backbone(nn.Module):
             x = x.replace_feature(torch.cat([x.features, skips.pop().features], dim=1))
             x = self.dec[s](x)
         return x
+
+
+    def gather_stem(self, x) -> "GatherStem | None":
+        """The stem conv of `x`'s voxels as a `GatherStem`, from the pairs recorded in `x`, checked
+        once against spconv's own stem on them; None (keep spconv's) if there are none or it differs."""
+        return GatherStem.of(self.conv_input[0], x)
+
+
+class _GatherConv(torch.autograd.Function):
+    """y = G(x) W for a submanifold conv: row i of G(x) holds the features of voxel i's K neighbours
+    (a zero row where there is none), W the (K·C_in, C_out) weight. Only the table is saved; the
+    gather is recomputed in backward, so nothing of N·K·C_in floats stays alive between the passes."""
+
+    @staticmethod
+    def forward(ctx, features, weight, neighbours):
+        ctx.save_for_backward(features, weight, neighbours)
+        return _gathered(features, neighbours) @ weight.reshape(weight.shape[0], -1).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, weight, neighbours = ctx.saved_tensors
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.t() @ _gathered(features, neighbours)).reshape(weight.shape)
+        if ctx.needs_input_grad[0]:
+            per_neighbour = (grad @ weight.reshape(weight.shape[0], -1)).reshape(-1, features.shape[1])
+            padded = features.new_zeros(len(features) + 1, features.shape[1])
+            padded.index_add_(0, neighbours.reshape(-1), per_neighbour)
+            grad_features = padded[:-1]
+        return grad_features, grad_weight, None
+
+
+def _gathered(features: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
+    return padded.index_select(0, neighbours.reshape(-1)).reshape(len(neighbours), -1)
+
+
+class GatherStem:
+    """MinkUNet34C's 5^3 submanifold stem as one gather and one matrix product, for voxels whose
+    index pairs are recorded (`IndexPairs`).
+
+    Why: a conv of more than 32 kernel offsets runs on spconv's Native algorithm even on CUDA, and
+    spconv 2.3's Native backward hands cumm no split-K workspace for the weight gradient, so cumm
+    allocates one with cudaMalloc and frees it (which waits for the GPU) for every offset with pairs,
+    every step; its forward and backward also copy the pair counts to the host (read in spconv's
+    and cumm's source). That accounts for the 24 cudaMalloc/cudaFree per TTT step of the profile
+    (24 offsets with pairs in its slab scene; up to 124 in a room), and would stop a CUDA-graph
+    capture; `tests/test_gpu.py` checks that a step makes none. The table is built once per voxel set; the weight is the conv's own
+    (K = 125 offsets in spconv's order), so checkpoints do not change. Same function up to float
+    summation order; `of` checks it against spconv on the recorded voxels before it is used."""
+
+    def __init__(self, neighbours: torch.Tensor):
+        self.neighbours = neighbours  # (N, K) int32; N marks "no neighbour" (the zero row)
+
+    def __call__(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _GatherConv.apply(features, weight, self.neighbours)
+
+    @staticmethod
+    def table(pairs, num_voxels: int) -> torch.Tensor:
+        """(N, K) neighbour table from spconv's Native submanifold pairs. For offset k < K/2 spconv
+        counts `indice_pair_num[k]` pairs (input P[0], output P[1]); a submanifold conv is symmetric,
+        so the same pairs, swapped, are offset K-1-k's. Only those counted pairs are read."""
+        p, counts = pairs.indice_pairs, pairs.indice_pair_num.cpu().tolist()
+        kernel = p.shape[1]
+        centre = kernel // 2
+        table = torch.full((num_voxels, kernel), num_voxels, dtype=torch.int32, device=p.device)
+        table[:, centre] = torch.arange(num_voxels, dtype=torch.int32, device=p.device)
+        for k in range(centre):
+            inputs, outputs = p[0, k, :counts[k]].long(), p[1, k, :counts[k]].long()
+            table[outputs, k] = inputs.int()
+            table[inputs, kernel - 1 - k] = outputs.int()
+        return table
+
+    @classmethod
+    def of(cls, conv, x) -> "GatherStem | None":
+        """The stem `conv` for the voxels of `x` (which carries the recorded pairs), or None where
+        the pairs are not Native submanifold pairs of the layout `table` reads, or the result differs
+        from spconv's own (then with a warning)."""
+        from spconv.pytorch.core import IndiceData
+
+        pairs = x.indice_dict.get(conv.indice_key)
+        if not (conv.subm and conv.bias is None and isinstance(pairs, IndiceData) and pairs.is_subm):
+            return None
+        p, n, kernel = pairs.indice_pairs, x.features.shape[0], conv.weight[0].numel() // conv.weight.shape[-1]
+        counts = pairs.indice_pair_num
+        # a layout other than the one `table` reads is refused before any index is used (an index out of
+        # range would be a device-side assert on CUDA, fatal to the process)
+        if not (p.dim() == 3 and tuple(p.shape[:2]) == (2, kernel) and tuple(counts.shape) == (kernel,)):
+            return None
+        if p.numel() and not (int(counts.max()) <= p.shape[2] and int(p.min()) >= -1 and int(p.max()) < n):
+            return None
+        stem = cls(cls.table(pairs, n))
+        with torch.no_grad():  # once per voxel set: the same function as spconv's, or spconv stays
+            expected = conv(x).features
+            ours = stem(x.features, conv.weight)
+        scale = max(1.0, expected.abs().max().item())
+        if not torch.allclose(ours, expected, rtol=0, atol=1e-2 * scale):
+            import warnings
+
+            warnings.warn(f"the gathered stem differs from spconv's by {(ours - expected).abs().max().item():.3g}: "
+                          "spconv's stem is kept for these voxels")
+            return None
+        return stem
 
 
 def _downsample(down, x):
@@ -205,7 +316,7 @@ class IndexPairs:
     """
 
     def __init__(self):
-        self._indices, self._pairs = None, None
+        self._indices, self._pairs, self._stem = None, None, None
 
     def with_pairs(self, voxels):
         """`voxels` carrying the recorded pairs, or unchanged if none were recorded for them."""
@@ -215,10 +326,15 @@ class IndexPairs:
                             indice_dict=dict(self._pairs))
 
     def features(self, backbone: Backbone, voxels) -> torch.Tensor:
-        """(V, 96) backbone features, recording the pairs on the first call for these voxels."""
+        """(V, 96) backbone features, recording the pairs on the first call for these voxels (and,
+        for a backbone with `gather_stem`, its stem as a gather: see `GatherStem`)."""
+        if self._indices is voxels.indices and self._stem is not None:
+            return backbone.forward_sparse(self.with_pairs(voxels), stem=self._stem).features
         out = backbone.forward_sparse(self.with_pairs(voxels))
         if self._indices is not voxels.indices:
             self._indices, self._pairs = voxels.indices, out.indice_dict
+            gather_stem = getattr(backbone, "gather_stem", None)
+            self._stem = gather_stem(self.with_pairs(voxels)) if gather_stem is not None else None
         return out.features
 
 
