@@ -200,14 +200,19 @@ def test_ttt_steps_after_the_first_run_the_gathered_stem_not_spconvs(room, monke
                         lambda self, x, *a, **k: calls.append(self.indice_key) or forward(self, x, *a, **k))
     fast = adapter(True)
     view = rotated(room, 0.5, DATA, "cpu")
-    kd_voxels, rows = fast.plan_targets(room, view, np.random.default_rng(0), steps=3)
+    kd_voxels, rows = fast.plan_targets(room, view, np.random.default_rng(0), steps=4)
     fast.step(view, kd_voxels[0], room.feature[rows[0]])
-    assert view.pairs._stem is not None and calls.count("stem") == 2  # the recording forward and the check
+    assert view.pairs._stem is None and calls.count("stem") == 1  # the recording forward only
+    fast.step(view, kd_voxels[1], room.feature[rows[1]])  # the voxels are reused: the stem is gathered
+    assert view.pairs._stem is not None and calls.count("stem") == 2  # + the check against spconv's
     calls.clear()
-    for t in (1, 2):
+    for t in (2, 3):
         fast.step(view, kd_voxels[t], room.feature[rows[t]])
     fast.predict(view)
     assert "stem" not in calls and len(calls) > 0
+    other = rotated(room, 1.5, DATA, "cpu")  # other voxels: recorded afresh, spconv's stem first
+    fast.predict(other)
+    assert other.pairs._stem is None and calls.count("stem") == 1
 
 
 def test_a_stem_table_that_disagrees_with_spconv_is_refused_and_spconvs_stem_kept(monkeypatch):

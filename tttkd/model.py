@@ -252,16 +252,22 @@ class GatherStem:
             return None
         if p.numel() and not (int(counts.max()) <= p.shape[2] and int(p.min()) >= -1 and int(p.max()) < n):
             return None
-        stem = cls(cls.table(pairs, n))
-        with torch.no_grad():  # once per voxel set: the same function as spconv's, or spconv stays
-            expected = conv(x).features
-            ours = stem(x.features, conv.weight)
-        scale = max(1.0, expected.abs().max().item())
-        if not torch.allclose(ours, expected, rtol=0, atol=1e-2 * scale):
-            import warnings
+        import warnings
 
-            warnings.warn(f"the gathered stem differs from spconv's by {(ours - expected).abs().max().item():.3g}: "
-                          "spconv's stem is kept for these voxels")
+        try:
+            stem = cls(cls.table(pairs, n))
+            with torch.no_grad():  # once per voxel set: the same function as spconv's, or spconv stays
+                expected = conv(x).features
+                ours = stem(x.features, conv.weight)
+        except RuntimeError as e:  # out of memory, say: the stem is only a speed-up
+            warnings.warn(f"the stem could not be gathered ({str(e).splitlines()[0]}): spconv's stem is kept")
+            return None
+        # fp32 agrees to ~1e-6 of the largest output; TF32 products (tensor_float32) to ~1e-3
+        tf32 = torch.backends.cuda.matmul.allow_tf32 and expected.is_cuda
+        scale = max(1.0, expected.abs().max().item())
+        error = (ours - expected).abs().max().item()
+        if error > (1e-2 if tf32 else 1e-4) * scale:
+            warnings.warn(f"the gathered stem differs from spconv's by {error:.3g}: spconv's stem is kept for these voxels")
             return None
         return stem
 
@@ -316,7 +322,7 @@ class IndexPairs:
     """
 
     def __init__(self):
-        self._indices, self._pairs, self._stem = None, None, None
+        self._indices, self._pairs, self._stem, self._stem_tried = None, None, None, False
 
     def with_pairs(self, voxels):
         """`voxels` carrying the recorded pairs, or unchanged if none were recorded for them."""
@@ -326,15 +332,19 @@ class IndexPairs:
                             indice_dict=dict(self._pairs))
 
     def features(self, backbone: Backbone, voxels) -> torch.Tensor:
-        """(V, 96) backbone features, recording the pairs on the first call for these voxels (and,
-        for a backbone with `gather_stem`, its stem as a gather: see `GatherStem`)."""
-        if self._indices is voxels.indices and self._stem is not None:
-            return backbone.forward_sparse(self.with_pairs(voxels), stem=self._stem).features
-        out = backbone.forward_sparse(self.with_pairs(voxels))
-        if self._indices is not voxels.indices:
-            self._indices, self._pairs = voxels.indices, out.indice_dict
+        """(V, 96) backbone features, recording the pairs on the first call for these voxels; on
+        the second, for a backbone with `gather_stem`, its stem becomes a gather (`GatherStem`): only
+        voxels that are reused pay for building it."""
+        same = self._indices is voxels.indices
+        if same and self._stem is None and not self._stem_tried:
+            self._stem_tried = True
             gather_stem = getattr(backbone, "gather_stem", None)
             self._stem = gather_stem(self.with_pairs(voxels)) if gather_stem is not None else None
+        if same and self._stem is not None:
+            return backbone.forward_sparse(self.with_pairs(voxels), stem=self._stem).features
+        out = backbone.forward_sparse(self.with_pairs(voxels))
+        if not same:
+            self._indices, self._pairs, self._stem, self._stem_tried = voxels.indices, out.indice_dict, None, False
         return out.features
 
 
