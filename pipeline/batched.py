@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 import zlib
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Iterator
@@ -294,12 +294,20 @@ def _shm_room(arrays: dict[str, torch.Tensor]) -> bool:
     return stats.f_bavail * stats.f_frsize > 2 * sum(t.numel() * t.element_size() for t in arrays.values()) + (1 << 30)
 
 
+def attach_shared(name: str) -> SharedMemory:
+    """A block the extracting process created and will unlink, opened in one of its writing processes.
+    Those come from `process_pool`'s forkserver and share the creator's resource tracker, so they must
+    not unregister the block: that drops the creator's record, and its `unlink` then makes the
+    tracker print a KeyError traceback for every scene."""
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name=name, track=False)
+    return SharedMemory(name=name)  # registers it again with the shared tracker: a set, so a no-op
+
+
 def _write_shared(store: Path, scene: Scene, arrays: dict[str, tuple[str, tuple, str]], **options) -> bool:
     """`cache.write_scene` in a writing process, reading the arrays from shared memory blocks."""
-    blocks = {name: SharedMemory(name=block) for name, (block, _, _) in arrays.items()}
+    blocks = {name: attach_shared(block) for name, (block, _, _) in arrays.items()}
     try:
-        for block in blocks.values():  # the parent unlinks them; this process's tracker must not
-            resource_tracker.unregister(block._name, "shared_memory")
         views = {name: np.ndarray(shape, dtype=np.dtype(dtype), buffer=blocks[name].buf)
                  for name, (_, shape, dtype) in arrays.items()}
         written = cache.write_scene(store, scene, **views, **options)

@@ -168,3 +168,41 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
         assert cosine.min() >= 0.999, (s, float(cosine.min()))
         group = zarr.open_group(stores["batched"] / "scenes" / s, mode="r")
         assert group.attrs["complete"] is True and group.attrs["split"] == "x"
+
+
+SHARED_WRITES = """
+import sys
+from pathlib import Path
+from tttkd.pipeline import cache
+from tttkd.pipeline.batched import extract_scenes, process_pool
+from tttkd.pipeline.extract import PrepConfig
+from tttkd.pipeline.scannet import ScanNetReader
+from tttkd.pipeline.teacher import load_teacher
+
+root, store = Path(sys.argv[1]), Path(sys.argv[2])
+config = PrepConfig(dataset="scannet", root=root, teacher="efficientnet_lite0", batch_size=4)
+cache.open_for_writing(store, {"teacher": "efficientnet_lite0"})
+with process_pool(1) as pool, process_pool(1) as writers:
+    results = list(extract_scenes(ScanNetReader(root), ["scene0000_00", "scene0001_00"],
+                                  teacher=load_teacher("efficientnet_lite0", device="cpu"), config=config,
+                                  store=store, split="x", pool=pool, writers=writers))
+print(*(r.status for r in results))
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm: arrays go to the writers through a pipe")
+def test_writing_processes_leave_the_shared_memory_bookkeeping_to_its_creator(synth_root, tmp_path):
+    """Scenes handed to writing processes through shared memory: written, every block unlinked, and
+    the resource tracker the processes share prints nothing (a writer that unregistered a block made it
+    print a KeyError traceback for each one when the creator unlinked it)."""
+    import os
+    import subprocess
+    import sys
+
+    before = set(os.listdir("/dev/shm"))
+    run = subprocess.run([sys.executable, "-c", SHARED_WRITES, str(synth_root), str(tmp_path / "c.zarr")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["done", "done"]
+    assert "KeyError" not in run.stderr and "leaked shared_memory" not in run.stderr, run.stderr[-2000:]
+    assert not [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("psm_")]
