@@ -3,6 +3,7 @@
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,11 +190,11 @@ def test_resume_reproduces_the_next_steps_exactly(synth_cache, tmp_path, monkeyp
         real_set_epoch(self, epoch)
 
     monkeypatch.setattr(EpochSampler, "set_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(synth_cache, tmp_path / "resumed", tiny_config(), progress=False)
+    with pytest.raises(KeyboardInterrupt):  # last.pt after every epoch
+        train(synth_cache, tmp_path / "resumed", tiny_config(checkpoint_minutes=0), progress=False)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
     monkeypatch.setattr(EpochSampler, "set_epoch", real_set_epoch)
-    train(synth_cache, tmp_path / "resumed", tiny_config(), progress=False, resume=True)
+    train(synth_cache, tmp_path / "resumed", tiny_config(checkpoint_minutes=0), progress=False, resume=True)
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert a["step"] == b["step"] == 4
@@ -399,3 +400,19 @@ def test_a_checkpoint_of_another_trainer_or_backbone_is_one_clear_error(tmp_path
         model_from_checkpoint({"model_config": wider, "model": small.state_dict()}, device="cpu")
     with pytest.raises(ValueError, match="not a tttkd ModelConfig"):
         model_from_checkpoint({"model_config": {**wider, "heads": 3}, "model": small.state_dict()}, device="cpu")
+
+
+@pytest.mark.parametrize("minutes, written", [(0, [0, 1, 2]), (60, [2])])
+def test_last_checkpoint_is_written_when_due_and_after_the_last_epoch(synth_cache, tmp_path, monkeypatch, minutes,
+                                                                       written):
+    """A checkpoint with its optimiser is ~300 MB for MinkUNet34C: written after an epoch only once
+    `checkpoint_minutes` have passed (0: every epoch), and always after the last one."""
+    import tttkd.train as train_module
+
+    saved = []
+    real_save = torch.save
+    monkeypatch.setattr(train_module.torch, "save", lambda obj, path: (saved.append((Path(path).name, obj["epoch"])),
+                                                                         real_save(obj, path)))
+    train(synth_cache, tmp_path / "run", tiny_config(epochs=3, checkpoint_minutes=minutes), progress=False)
+    assert saved == [("last.pt", e) for e in written]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2

@@ -134,7 +134,8 @@ class SuiteConfig:
         record = asdict(self)
         for key in ("name", "families", "seeds", "rows", "workers", "jobs"):
             record.pop(key)
-        record["train"].pop("workers")
+        for key in ("workers", "checkpoint_minutes"):  # no effect on the trained model
+            record["train"].pop(key, None)
         return json.loads(json.dumps(record))
 
     @property
@@ -454,7 +455,8 @@ def _comparable(train_config: dict | None) -> dict | None:
     if train_config is None:
         return None
     record = json.loads(json.dumps(train_config))
-    record.pop("workers", None)
+    for key in ("workers", "checkpoint_minutes"):  # no effect on the trained model
+        record.pop(key, None)
     return record
 
 

@@ -56,6 +56,11 @@ class TrainConfig:
     amp: bool = True
     """fp16 autocast with loss scaling on CUDA (ignored on CPU)."""
     log_every: int = 10
+    checkpoint_minutes: float = 5.0
+    """last.pt is written after an epoch once this many minutes have passed since the last write, and
+    always after the last epoch (0: after every epoch). A MinkUNet34C checkpoint with its optimiser
+    is ~300 MB: on a small cache, writing it every epoch cost more than the steps. `--resume` goes on
+    from the last written epoch, exactly."""
     memory_mb: float = 2048
     """Per loader worker: decoded scenes (points and whole feature arrays) kept in memory up to this
     size, so a split that fits is read from disk once per worker (0: read every sample from disk)."""
@@ -180,6 +185,7 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                                   seed=config.seed, epochs=range(start_epoch, config.epochs), rank=rank,
                                   world_size=world_size)
     batches = iter(loader)
+    saved, shown = time.monotonic(), float("nan")
 
     with Progress(disable=not progress) as bar:
         for epoch in range(start_epoch, config.epochs):
@@ -211,8 +217,10 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                     history.append(record)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                if progress:
-                    bar.update(task, advance=1, description=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}")
+                    shown = record["loss"]
+                if progress:  # the loss only where it was logged: .item() would sync every step
+                    bar.update(task, advance=1, description=f"epoch {epoch + 1}/{config.epochs} loss "
+                                                           f"{shown:.3f}")
             if rank != 0:
                 continue
             # evaluate
@@ -226,14 +234,20 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             # checkpoint
+            improved = miou is not None and miou > best
+            due = time.monotonic() - saved >= 60 * config.checkpoint_minutes or epoch == config.epochs - 1
+            if not (improved or due):
+                continue
             checkpoint = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "history": history,
                 "model_config": asdict(mconfig), "train_config": asdict(config), "class_names": list(class_names),
                 "teacher": teacher_of(provenance), "dataset": provenance.get("dataset"), "best_miou": max(best, miou if miou is not None else -1.0),
             }
-            torch.save(checkpoint, out / "last.pt")
-            if miou is not None and miou > best:
+            if due:
+                torch.save(checkpoint, out / "last.pt")
+                saved, shown = time.monotonic(), float("nan")
+            if improved:
                 best = miou
                 torch.save(checkpoint, out / "best.pt")
     if rank != 0:
