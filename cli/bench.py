@@ -165,6 +165,7 @@ def ttt(
     protocol_rotations: Annotated[int, typer.Option(
         help="rotations of the offline protocol (100 steps each) to time per size and path, scaled to 8; 0: skip")] = 1,
     tf32: Annotated[bool, typer.Option(help="also time the fast path on TF32 tensor cores (CUDA)")] = False,
+    graph: Annotated[bool, typer.Option(help="also time the fast path replayed as a CUDA graph (CUDA)")] = False,
     device: DeviceOpt = None,
     out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-ttt.json"),
 ):
@@ -176,10 +177,11 @@ def ttt(
     from tttkd.pipeline.job import default_device
 
     rows = bench_ttt(tuple(int(s) for s in sizes.split(",")), model=model, steps=steps, kd_points=kd_points,
-                     device=device or default_device(), protocol_rotations=protocol_rotations, tf32=tf32)
+                     device=device or default_device(), protocol_rotations=protocol_rotations, tf32=tf32, graph=graph)
+    extra = [path for path, on in (("tf32", tf32), ("graph", graph)) if on]
     table = Table(title=f"tttkd bench ttt: {model} on {rows[0]['device']}, {kd_points} KD points")
     columns = ("voxels", "ms / step ref", "ms / step fast", "speed-up", "peak GB ref", "peak GB fast",
-               "s / scene ref", "s / scene fast") + (("ms / step tf32", "s / scene tf32") if tf32 else ())
+               "s / scene ref", "s / scene fast") + sum(((f"ms / step {p}", f"s / scene {p}") for p in extra), ())
     for column in columns:
         table.add_column(column, justify="right")
     number = lambda value, form: "-" if value is None else format(value, form)
@@ -188,8 +190,10 @@ def ttt(
                       f"{r['ms_per_step_reference'] / r['ms_per_step_fast']:.1f}x",
                       number(r["peak_gpu_mem_gb_reference"], ".2f"), number(r["peak_gpu_mem_gb_fast"], ".2f"),
                       number(r.get("protocol_s_reference"), ".1f"), number(r.get("protocol_s_fast"), ".1f"),
-                      *((f"{r['ms_per_step_tf32']:.1f}", number(r.get("protocol_s_tf32"), ".1f")) if tf32 else ()))
+                      *sum(((f"{r[f'ms_per_step_{p}']:.1f}", number(r.get(f"protocol_s_{p}"), ".1f")) for p in extra), ()))
     console.print(table)
+    if graph and not rows[0]["graph_captured"]:
+        console.print("the graph path ran eagerly: graphs are a CUDA feature, and on CUDA a refused capture warns above")
     out.write_text(json.dumps(rows, indent=1))
     console.print(f"wrote {out}")
 

@@ -271,3 +271,14 @@ def test_bench_ttt_reports_each_size(tmp_path):
     rows = bench_ttt((3000, 12000), model="small", kd_dim=16, steps=1, kd_points=256, device="cpu")
     assert [r["voxels"] > 0 for r in rows] == [True, True] and rows[1]["voxels"] > 3 * rows[0]["voxels"]
     assert all(r["ms_per_step"] > 0 for r in rows)
+
+
+def test_bench_ttt_times_the_tf32_and_graph_paths_when_asked():
+    """Each asked-for path gets its own timings; on CPU a graph is never captured (a CUDA feature)."""
+    from tttkd.bench import bench_ttt
+
+    plain, = bench_ttt((3000,), model="small", kd_dim=16, steps=1, kd_points=256, device="cpu", protocol_rotations=0)
+    both, = bench_ttt((3000,), model="small", kd_dim=16, steps=1, kd_points=256, device="cpu", protocol_rotations=0,
+                      tf32=True, graph=True)
+    assert "ms_per_step_graph" not in plain and "graph_captured" not in plain
+    assert both["ms_per_step_tf32"] > 0 and both["ms_per_step_graph"] > 0 and both["graph_captured"] is False

@@ -109,12 +109,12 @@ def _slab_scene(size: int, *, kd_dim: int, voxel_size_m: float, device):
 PATHS = {"reference": dict(reuse_pairs=False, cuda_graph=False), "fast": dict(reuse_pairs=True, cuda_graph=False)}
 """The reference path rebuilds spconv's index pairs at every forward (what TTT did before issue 9);
 the fast path builds them once per rotation and reads nothing back inside the step loop (CUDA
-graphs stay off: spconv 2.3.8 cannot be captured, see AdaptConfig.cuda_graph)."""
+graphs off by default, see AdaptConfig.cuda_graph; `graph=True` times them as a third path)."""
 
 
 def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str = "minkunet34c", kd_dim: int = 1024,
               steps: int = 10, kd_points: int = 16384, device: str = "cuda", protocol_rotations: int = 0,
-              protocol_steps: int = 100, tf32: bool = False) -> list[dict]:
+              protocol_steps: int = 100, tf32: bool = False, graph: bool = False) -> list[dict]:
     """One row per scene size: ms per TTT step (forward, KD loss, backward, SGD) and peak memory of
     the reference and the fast path, timed in the same run (the peak includes the scene's teacher
     features on the device, `scene_feature_gb`); with `protocol_rotations` > 0, also
@@ -123,8 +123,10 @@ def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str
 
     ms per step is the wall time of `steps` consecutive steps over `steps`, after warm-up steps
     (on CUDA 3: spconv tunes its kernels on the first ones; the fast path records the pairs on the
-    first): what the step loop of the protocol sees. With `tf32`, a third path, "tf32": the fast
-    path with its fp32 products on TF32 tensor cores (AdaptConfig.tf32).
+    first): what the step loop of the protocol sees. With `tf32`, another path, "tf32": the fast
+    path with its fp32 products on TF32 tensor cores (AdaptConfig.tf32). With `graph`, "graph": the
+    fast path replayed as a CUDA graph from its third step (AdaptConfig.cuda_graph); `graph_captured`
+    says whether the capture succeeded (else that path ran eagerly).
     """
     from dataclasses import replace
 
@@ -144,7 +146,8 @@ def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str
         row = {"voxels": None, "model": model, "kd_points": kd_points, "kd_dim": kd_dim, "steps": steps,
                "device": torch.cuda.get_device_name(device) if gpu else "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-        paths = {**PATHS, "tf32": {**PATHS["fast"], "tf32": True}} if tf32 else PATHS
+        paths = {**PATHS, **({"tf32": {**PATHS["fast"], "tf32": True}} if tf32 else {}),
+                 **({"graph": {**PATHS["fast"], "cuda_graph": True}} if graph else {})}
         for path, fields in paths.items():
             config = AdaptConfig(lr=1.0, kd_points=kd_points, steps=protocol_steps, **fields)
             adapter = TTTKD(net, config)
@@ -164,6 +167,8 @@ def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str
             row[f"ms_per_step_{path}"] = 1e3 * (time.perf_counter() - start) / steps
             row[f"peak_gpu_mem_gb_{path}"] = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None
             row[f"reserved_gpu_mem_gb_{path}"] = torch.cuda.memory_reserved(device) / 2**30 if gpu else None
+            if path == "graph":
+                row["graph_captured"] = adapter.graph is not None and adapter.graph.graph is not None
             adapter.reset()
             if protocol_rotations > 0:
                 adapter.config = replace(config, rotations=protocol_rotations)

@@ -15,6 +15,9 @@ with the pairs reused), and cudaMalloc is not allowed on a capturing stream; cap
 warm-up's stream did not help, and spconv's Python GEMM wrappers (which allocate through PyTorch)
 fail in 2.3.8's tuner (`zero_whole_storage_()` signature). So AdaptConfig.cuda_graph is off by
 default; with it on, the step warns once and runs eagerly, with the same results (GPU tests).
+Those allocations came from the 5^3 stem (Native algorithm, see model.GatherStem); with the stem
+gathered, a profiled step with reused pairs makes no cudaMalloc, cudaFree or stream sync (H200,
+2026-11-26). Whether the capture now succeeds is what `tttkd bench ttt --graph` reports.
 """
 
 from __future__ import annotations
