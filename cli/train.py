@@ -48,6 +48,9 @@ def train(
     gpus: Annotated[int, typer.Option(help="data-parallel processes, one per GPU (CPU processes with --device cpu); "
                                            "--batch-size stays the global batch. Or launch with torchrun")] = 1,
     memory_mb: Annotated[float, typer.Option(help="per loader worker: MB of decoded scenes kept in memory")] = 2048,
+    ddp_batch_norm: Annotated[str, typer.Option(
+        help="batch norm over several processes: global (the global batch's statistics, exact), fused (the same "
+             "with torch's SyncBatchNorm, CUDA only) or local (each process's own batch)")] = "global",
     checkpoint_minutes: Annotated[float, typer.Option(
         help="write last.pt after an epoch once this many minutes have passed since the last write, and after the "
              "last epoch (0: every epoch); --resume goes on from the last one written")] = 5.0,
@@ -61,6 +64,8 @@ def train(
     from tttkd.pipeline.job import default_device
     from tttkd.train import TrainConfig, train as run
 
+    if ddp_batch_norm not in distributed.BATCH_NORM_MODES:
+        fail(f"unknown --ddp-batch-norm {ddp_batch_norm!r}; choose one of {', '.join(distributed.BATCH_NORM_MODES)}")
     if preset is not None:
         if preset not in TRAIN_PRESETS:
             fail(f"unknown preset {preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
@@ -71,7 +76,8 @@ def train(
                          split=None if split == "all" else split, validate=val_split != "none",
                          val_split=None if val_split in ("all", "none") else val_split,
                          bn_momentum=bn_momentum, seed=seed, workers=workers, memory_mb=memory_mb,
-                         checkpoint_minutes=checkpoint_minutes, data=replace(DataConfig(), voxel_size_m=voxel, input_features=input_features,
+                         checkpoint_minutes=checkpoint_minutes, ddp_batch_norm=ddp_batch_norm,
+                         data=replace(DataConfig(), voxel_size_m=voxel, input_features=input_features,
                                       augment=OUTDOOR_AUGMENTATION if preset == "outdoor" else AugmentConfig()))
     device = device or default_device()
     if gpus > 1:  # spawn one process per GPU; process 0 writes the outputs

@@ -105,23 +105,25 @@ def test_two_processes_train_like_one_on_the_same_global_batch(synth_cache, tmp_
     assert (tmp_path / "two" / "metrics.jsonl").exists() and not (tmp_path / "two" / "best.pt").exists()
 
 
-def _share_and_norm(out, device):
-    """Process-side check of GlobalBatchNorm and global_share: writes this rank's tensors."""
+def _share_and_norm(out, device, mode="global"):
+    """Process-side check of the DDP batch norm and global_share: writes this rank's tensors."""
     rank, world = distributed.rank_and_size()
     torch.manual_seed(0)
     x = torch.randn(7 + 5, 4, dtype=torch.float64).float() * 3 + 1  # the global batch: 7 rows on rank 0, 5 on 1
-    mine = (x[:7] if rank == 0 else x[7:]).clone().requires_grad_(True)
-    bn = distributed.convert_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm1d(4, momentum=0.5)))
+    mine = (x[:7] if rank == 0 else x[7:]).clone().to(device).requires_grad_(True)
+    bn = distributed.convert_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm1d(4, momentum=0.5)), mode).to(device)
     y = bn(mine)
-    share = distributed.global_share(torch.tensor([len(mine)]))
+    share = distributed.global_share(torch.tensor([len(mine)], device=device))
     # each process's loss: its share of a mean over the global batch
     (y.pow(3).mean() * share[0]).backward()
-    torch.save({"grad": mine.grad, "y": y.detach(), "weight_grad": bn[0].weight.grad / world,
-                "running_var": bn[0].running_var}, out / f"rank{rank}.pt")
+    torch.save({"grad": mine.grad.cpu(), "y": y.detach().cpu(), "weight_grad": bn[0].weight.grad.cpu() / world,
+                "running_var": bn[0].running_var.cpu(), "kind": type(bn[0]).__name__}, out / f"rank{rank}.pt")
 
 
-def test_global_batch_norm_and_shares_equal_batch_norm_over_the_concatenated_batch(tmp_path):
-    distributed.launch(2, _share_and_norm, tmp_path, device="cpu")
+def check_batch_norm_over_the_concatenated_batch(tmp_path, *, device="cpu", mode="global"):
+    """Two processes (7 and 5 rows) against one nn.BatchNorm1d over all 12 rows: outputs, input and
+    weight gradients, running variance. Also run by the two-GPU test of `fused`."""
+    distributed.launch(2, _share_and_norm, tmp_path, device=device, mode=mode)
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.manual_seed(0)
     x = (torch.randn(12, 4, dtype=torch.float64).float() * 3 + 1).requires_grad_(True)
@@ -136,6 +138,31 @@ def test_global_batch_norm_and_shares_equal_batch_norm_over_the_concatenated_bat
     torch.testing.assert_close(parts[0]["weight_grad"] + parts[1]["weight_grad"], bn.weight.grad, rtol=1e-4, atol=1e-6)
     for p in parts:
         torch.testing.assert_close(p["running_var"], bn.running_var, rtol=1e-5, atol=1e-6)
+    return parts
+
+
+def test_global_batch_norm_and_shares_equal_batch_norm_over_the_concatenated_batch(tmp_path):
+    parts = check_batch_norm_over_the_concatenated_batch(tmp_path)
+    assert {p["kind"] for p in parts} == {"GlobalBatchNorm"}
+
+
+def test_local_batch_norm_normalises_each_process_own_rows(tmp_path):
+    """`local`: plain DDP, each process's statistics (so not the global batch's)."""
+    distributed.launch(2, _share_and_norm, tmp_path, device="cpu", mode="local")
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    x = torch.randn(12, 4, dtype=torch.float64).float() * 3 + 1
+    for part, rows in zip(parts, (x[:7], x[7:])):
+        assert part["kind"] == "BatchNorm1d"
+        torch.testing.assert_close(part["y"], torch.nn.BatchNorm1d(4)(rows).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_ddp_batch_norm_choices_are_checked(synth_cache, tmp_path):
+    with pytest.raises(ValueError, match="unknown ddp_batch_norm 'sync'"):
+        train(synth_cache, tmp_path / "a", _config(ddp_batch_norm="sync"), progress=False)
+    with pytest.raises(ValueError, match="fused"):
+        distributed.launch(2, train, synth_cache, tmp_path / "b", _config(ddp_batch_norm="fused"), device="cpu",
+                           progress=False)
 
 
 def test_adapt_over_two_processes_equals_one(synth_cache, joint_checkpoint, tmp_path):

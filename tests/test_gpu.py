@@ -316,3 +316,14 @@ def test_a_ttt_step_with_recorded_pairs_allocates_nothing_outside_torchs_allocat
     view.pairs._stem = stem
     malloc, free, by_torch = allocations(range(6, 9))
     assert malloc <= by_torch and free == 0, (malloc, free, by_torch)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("mode, kind", [("global", "GlobalBatchNorm"), ("fused", "SyncBatchNorm")])
+def test_ddp_batch_norm_on_two_gpus_equals_batch_norm_over_the_concatenated_batch(tmp_path, mode, kind):
+    """NCCL on two GPUs: our GlobalBatchNorm, and torch's SyncBatchNorm (`--ddp-batch-norm fused`),
+    give the outputs, gradients and running statistics of one BatchNorm1d over both processes' rows."""
+    from test_ddp import check_batch_norm_over_the_concatenated_batch
+
+    parts = check_batch_norm_over_the_concatenated_batch(tmp_path, device="cuda", mode=mode)
+    assert {p["kind"] for p in parts} == {kind}

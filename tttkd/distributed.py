@@ -148,17 +148,30 @@ class GlobalBatchNorm(nn.BatchNorm1d):
         return (xhat * self.weight + self.bias).to(x.dtype)
 
 
-def convert_batch_norm(module: nn.Module) -> nn.Module:
-    """Every nn.BatchNorm1d (spconv's and the heads') -> GlobalBatchNorm, with its parameters and
-    running statistics."""
+BATCH_NORM_MODES = ("global", "fused", "local")
+"""Batch norm under DDP: `global` (GlobalBatchNorm: the global batch's statistics, any backend, the
+path the CPU tests check), `fused` (torch.nn.SyncBatchNorm: the same statistics with torch's fused
+CUDA kernels, CUDA only; a few kernels a layer where GlobalBatchNorm launches ~20, in a step bound
+by kernel launches), `local` (each process's own batch, as with plain DDP)."""
+
+
+def convert_batch_norm(module: nn.Module, mode: str = "global") -> nn.Module:
+    """Every nn.BatchNorm1d (spconv's and the heads') -> GlobalBatchNorm (`global`) or
+    nn.SyncBatchNorm (`fused`), with its parameters and running statistics; `local` keeps them."""
+    if mode not in BATCH_NORM_MODES:
+        raise ValueError(f"unknown DDP batch norm {mode!r}; choose from {', '.join(BATCH_NORM_MODES)}")
+    if mode == "local":
+        return module
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm1d:
-            new = GlobalBatchNorm(child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine,
-                                  track_running_stats=child.track_running_stats).to(child.weight.device)
+            kind = GlobalBatchNorm if mode == "global" else nn.SyncBatchNorm
+            extra = {} if mode == "global" else {"process_group": _bn_group}
+            new = kind(child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine,
+                       track_running_stats=child.track_running_stats, **extra).to(child.weight.device)
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:
-            convert_batch_norm(child)
+            convert_batch_norm(child, mode)
     return module
 
 

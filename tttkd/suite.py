@@ -134,7 +134,7 @@ class SuiteConfig:
         record = asdict(self)
         for key in ("name", "families", "seeds", "rows", "workers", "jobs"):
             record.pop(key)
-        for key in ("workers", "checkpoint_minutes"):  # no effect on the trained model
+        for key in ("workers", "checkpoint_minutes", "ddp_batch_norm"):  # no effect on one process's model
             record["train"].pop(key, None)
         return json.loads(json.dumps(record))
 
@@ -455,7 +455,7 @@ def _comparable(train_config: dict | None) -> dict | None:
     if train_config is None:
         return None
     record = json.loads(json.dumps(train_config))
-    for key in ("workers", "checkpoint_minutes"):  # no effect on the trained model
+    for key in ("workers", "checkpoint_minutes", "ddp_batch_norm"):  # no effect on one process's model
         record.pop(key, None)
     return record
 

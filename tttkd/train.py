@@ -56,6 +56,10 @@ class TrainConfig:
     amp: bool = True
     """fp16 autocast with loss scaling on CUDA (ignored on CPU)."""
     log_every: int = 10
+    ddp_batch_norm: str = "global"
+    """With several processes: `global` (exact: N processes compute the step one process would on the
+    global batch), `fused` (the same statistics with torch.nn.SyncBatchNorm's CUDA kernels) or
+    `local` (each process's own batch); see distributed.BATCH_NORM_MODES."""
     checkpoint_minutes: float = 5.0
     """last.pt is written after an epoch once this many minutes have passed since the last write, and
     always after the last epoch (0: after every epoch). A MinkUNet34C checkpoint with its optimiser
@@ -130,6 +134,12 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
     device = torch.device(device)
     rank, world_size = distributed.rank_and_size()
     progress = progress and rank == 0
+    if config.ddp_batch_norm not in distributed.BATCH_NORM_MODES:
+        raise ValueError(f"unknown ddp_batch_norm {config.ddp_batch_norm!r}; choose from "
+                         f"{', '.join(distributed.BATCH_NORM_MODES)}")
+    if config.ddp_batch_norm == "fused" and world_size > 1 and device.type != "cuda":
+        raise ValueError("--ddp-batch-norm fused runs torch's SyncBatchNorm, which needs CUDA; use global on "
+                         f"{device.type}")
     cache = FeatureCache(cache_path)
     provenance = cache.provenance
     class_names = provenance["class_names"]
@@ -156,7 +166,7 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
     model = build_model(mconfig, device=device)
     basis = kd_basis(cache, device)
     if world_size > 1:
-        model = distributed.convert_batch_norm(model)
+        model = distributed.convert_batch_norm(model, config.ddp_batch_norm)
     dataset = CacheDataset(cache_path, scene_ids, config.data, train=True, seed=config.seed,
                            memory_mb=config.memory_mb, reference=config.reference_input)
     steps_per_epoch = batches_per_epoch(len(dataset), config.batch_size, world_size=world_size)
