@@ -320,3 +320,45 @@ def test_the_outdoor_suite_runs_table_2s_rows_from_generated_streets_to_the_tabl
     assert json.loads((out / "results.json").read_text())["paper"]["MM-TTA"] == 42.5
     with pytest.raises(ValueError, match="unknown shift family 'sensor' of the outdoor suite; choose from lidar, none"):
         run_suite(replace(config, families=("sensor",)), out, device="cpu", log=lambda m: None)
+
+
+def _suite_process(config, out, work, log_path):
+    """One suite process of the test below (module level: spawned processes import it)."""
+    with open(log_path, "w") as log:
+        run_suite(config, out, work=work, device="cpu", log=lambda m: print(m, file=log, flush=True))
+
+
+def test_processes_sharing_a_work_folder_generate_extract_and_train_each_thing_once(tmp_path):
+    """Two processes, one seed, other families, one --work and --out (as one GPU each would run them):
+    each domain is generated and extracted once and each model trained once, so both families'
+    rows use the same trained instance."""
+    from multiprocessing import get_context
+
+    from tttkd.suite import outdoor_suite
+
+    base = outdoor_suite()
+    config = replace(base, name="tiny-outdoor", scenes=5, seeds=(0,), workers=1,
+                     rows=("Source-Only", "Joint-Train", "TTT-KD"),
+                     train=replace(base.train, epochs=2, batch_size=2),
+                     adapt=AdaptConfig(steps=1, lr=0.1, rotations=1, kd_points=256))
+    out, work = tmp_path / "out", tmp_path / "work"
+    context = get_context("spawn")
+    processes = [context.Process(target=_suite_process, args=(replace(config, families=(family,)), out, work,
+                                                              tmp_path / f"{family}.log"))
+                 for family in ("lidar", "none")]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(600)
+    assert [p.exitcode for p in processes] == [0, 0]
+    logs = "".join((tmp_path / f"{family}.log").read_text() for family in ("lidar", "none"))
+    assert logs.count("training Joint-Train on source") == 1 and logs.count("training Source-Only on source") == 1
+    assert logs.count("extracting source") == 1 and logs.count("extracting target") == 1
+    generated = re.findall(r"generating outdoor scenes of (.*)", logs)
+    assert sorted(d for line in generated for d in line.split(", ")) == ["source", "target"]
+    cells = load_cells(out)
+    assert {(c["family"], c["row"]) for c in cells} == {(f, r) for f in ("lidar", "none") for r in config.rows}
+    digests = {c["family"]: c["model_sha256"] for c in cells if c["row"] == "Joint-Train"}
+    assert digests["lidar"] == digests["none"]
+    # whichever process wrote the table last, it holds both families
+    assert "| row | lidar | none (in-distribution) |" in (out / "results.md").read_text()

@@ -35,6 +35,7 @@ import os
 import re
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
@@ -392,9 +393,14 @@ class Workspace:
 
     def cache(self, domain: str, seed: int) -> Path:
         if seed not in self.generated:
-            self._generate(seed)
+            with exclusive(self.root(domain, seed).parent / "generate.lock"):
+                self._generate(seed)
             self.generated.add(seed)
         store = self.store(domain, seed)
+        with exclusive(store.parent / f"{store.name}.lock"):
+            return self._cache(domain, seed, store)
+
+    def _cache(self, domain: str, seed: int, store: Path) -> Path:
         if (store / "zarr.json").exists():
             provenance = FeatureCache(store).provenance
             found = {key: provenance.get(key) for key in ("teacher", "max_views")}
@@ -416,10 +422,11 @@ class Workspace:
 
         joint = self.model(self.config.place.source, seed, "joint")
         path = head2d_path(joint)
-        if not path.is_file():
-            cache = self.cache(self.config.place.source, seed)
-            self._unit("head2d", f"seed {seed}: fitting the 2D head on {self.config.place.source}",
-                       lambda: fit_head2d(cache, joint, split="train", device=self.device))
+        cache = self.cache(self.config.place.source, seed)
+        with exclusive(path.with_name(path.name + ".lock")):
+            if not path.is_file():
+                self._unit("head2d", f"seed {seed}: fitting the 2D head on {self.config.place.source}",
+                           lambda: fit_head2d(cache, joint, split="train", device=self.device))
         return path
 
     def model(self, domain: str, seed: int, kind: str) -> Path:
@@ -427,6 +434,10 @@ class Workspace:
         config = self.train_config(seed, kind)
         run = self.run_dir(domain, seed, kind)
         cache = self.cache(domain, seed)
+        with exclusive(run.parent / f"{run.name}.lock"):
+            return self._model(domain, seed, kind, config, run, cache)
+
+    def _model(self, domain: str, seed: int, kind: str, config: TrainConfig, run: Path, cache: Path) -> Path:
         if (run / "last.pt").exists():
             from .checkpoint import load_checkpoint
 
@@ -448,6 +459,26 @@ class Workspace:
         result = work()
         self.clock.took(kind, time.monotonic() - start)
         return result
+
+
+@contextmanager
+def exclusive(lock: Path):
+    """Hold an advisory lock on the file `lock` for the block. Suite processes that share a --work
+    folder (one per GPU, each its own families of one seed) then wait for one another's generation,
+    extraction and training and reuse the result: every row of a seed uses one trained instance
+    (GPU training is not bit-reproducible, so two processes training the same model would not)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): one process per --work folder
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _comparable(train_config: dict | None) -> dict | None:
@@ -784,7 +815,9 @@ def write_summary(out: Path, config: SuiteConfig) -> dict:
     from the cells alone."""
     out = Path(out)
     cells = [c for c in load_cells(out) if with_defaults(c.get("protocol")) == config.protocol()]
-    families = [f for f in config.families if any(c["family"] == f for c in cells)]
+    # every family with cells, in the setting's order: processes that share `out` with other
+    # families each write the whole table
+    families = [f for f in config.place.domains if any(c["family"] == f for c in cells)]
     table = summarise(cells, families)
     # the seeds of the cells in `out`: several processes (one seed each) may share it
     seeds = sorted({c["seed"] for c in cells} | set(config.seeds))
