@@ -156,6 +156,22 @@ def train(
     console.print(f"wrote {out}")
 
 
+def profile_table(rows: list[dict], paths: list[str]) -> Table:
+    """Per size and path: kernel ms and the CUDA runtime calls a step makes, grouped."""
+    groups = {"malloc": ("Malloc",), "free": ("Free",), "syncs": ("Synchronize",), "copies": ("Memcpy",),
+              "launches": ("Launch",)}
+    table = Table(title="profiled steps: per step")
+    for column in ("voxels", "path", "GPU kernel ms", *groups):
+        table.add_column(column, justify="right")
+    for r in rows:
+        for path in paths:
+            calls = r[f"runtime_calls_per_step_{path}"]
+            counts = [sum(n for key, n in calls.items() if any(k in key for k in keys)) for keys in groups.values()]
+            kernel = r[f"kernel_ms_per_step_{path}"]
+            table.add_row(str(r["voxels"]), path, "-" if kernel is None else f"{kernel:.1f}", *(f"{c:.0f}" for c in counts))
+    return table
+
+
 @app.command("ttt")
 def ttt(
     sizes: Annotated[str, typer.Option(help="comma-separated voxel counts")] = "25000,100000,400000",
@@ -166,6 +182,9 @@ def ttt(
         help="rotations of the offline protocol (100 steps each) to time per size and path, scaled to 8; 0: skip")] = 1,
     tf32: Annotated[bool, typer.Option(help="also time the fast path on TF32 tensor cores (CUDA)")] = False,
     graph: Annotated[bool, typer.Option(help="also time the fast path replayed as a CUDA graph (CUDA)")] = False,
+    profile: Annotated[int, typer.Option(
+        help="profile this many more steps per path: GPU kernel ms and CUDA runtime calls (malloc, free, "
+             "syncs, copies, launches) per step; 0: skip")] = 0,
     device: DeviceOpt = None,
     out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-ttt.json"),
 ):
@@ -177,7 +196,8 @@ def ttt(
     from tttkd.pipeline.job import default_device
 
     rows = bench_ttt(tuple(int(s) for s in sizes.split(",")), model=model, steps=steps, kd_points=kd_points,
-                     device=device or default_device(), protocol_rotations=protocol_rotations, tf32=tf32, graph=graph)
+                     device=device or default_device(), protocol_rotations=protocol_rotations, tf32=tf32, graph=graph,
+                     profile_steps=profile)
     extra = [path for path, on in (("tf32", tf32), ("graph", graph)) if on]
     table = Table(title=f"tttkd bench ttt: {model} on {rows[0]['device']}, {kd_points} KD points")
     columns = ("voxels", "ms / step ref", "ms / step fast", "speed-up", "peak GB ref", "peak GB fast",
@@ -192,6 +212,8 @@ def ttt(
                       number(r.get("protocol_s_reference"), ".1f"), number(r.get("protocol_s_fast"), ".1f"),
                       *sum(((f"{r[f'ms_per_step_{p}']:.1f}", number(r.get(f"protocol_s_{p}"), ".1f")) for p in extra), ()))
     console.print(table)
+    if profile:
+        console.print(profile_table(rows, ["reference", "fast", *extra]))
     if graph and not rows[0]["graph_captured"]:
         console.print("the graph path ran eagerly: graphs are a CUDA feature, and on CUDA a refused capture warns above")
     out.write_text(json.dumps(rows, indent=1))

@@ -1,5 +1,6 @@
 """Test-time training and the baselines: what they may change, what they must not, scoring."""
 
+import json
 import math
 from dataclasses import replace
 
@@ -282,3 +283,21 @@ def test_bench_ttt_times_the_tf32_and_graph_paths_when_asked():
                       tf32=True, graph=True)
     assert "ms_per_step_graph" not in plain and "graph_captured" not in plain
     assert both["ms_per_step_tf32"] > 0 and both["ms_per_step_graph"] > 0 and both["graph_captured"] is False
+
+
+def test_bench_ttt_profiles_each_path_when_asked(tmp_path):
+    """`--profile N`: per path the profiled kernel time (CUDA only) and CUDA runtime calls per step
+    (none on CPU), in the JSON and a table."""
+    from typer.testing import CliRunner
+
+    from tttkd.cli.main import app
+
+    out = tmp_path / "ttt.json"
+    result = CliRunner().invoke(app, ["bench", "ttt", "--sizes", "3000", "--model", "small", "--steps", "1",
+                                      "--protocol-rotations", "0", "--kd-points", "256", "--profile", "2",
+                                      "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    row, = json.loads(out.read_text())
+    for path in ("reference", "fast"):
+        assert row[f"kernel_ms_per_step_{path}"] is None and row[f"runtime_calls_per_step_{path}"] == {}
+    assert "profiled steps" in result.output and "launches" in result.output

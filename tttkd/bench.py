@@ -112,9 +112,31 @@ the fast path builds them once per rotation and reads nothing back inside the st
 graphs off by default, see AdaptConfig.cuda_graph; `graph=True` times them as a third path)."""
 
 
+PROFILED_CALLS = ("Malloc", "Free", "Synchronize", "Memcpy", "Launch", "Memset")
+"""CUDA runtime calls a profiled step counts: allocations (a cudaFree waits for the device),
+synchronisations and copies stop the host from running ahead; launches are its per-kernel cost."""
+
+
+def _profile_steps(step, count: int, device: torch.device) -> tuple[float | None, dict[str, float]]:
+    """torch.profiler over `count` calls of step(i) -> (GPU kernel ms per step or None on CPU,
+    {CUDA runtime call: calls per step})."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(count):
+            step(i)
+        _sync(device)
+    events = prof.key_averages()
+    kernel_ms = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / count / 1e3 if cuda else None
+    calls = {e.key: e.count / count for e in events
+             if e.key.startswith("cuda") and any(k in e.key for k in PROFILED_CALLS)}
+    return kernel_ms, calls
+
+
 def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str = "minkunet34c", kd_dim: int = 1024,
               steps: int = 10, kd_points: int = 16384, device: str = "cuda", protocol_rotations: int = 0,
-              protocol_steps: int = 100, tf32: bool = False, graph: bool = False) -> list[dict]:
+              protocol_steps: int = 100, tf32: bool = False, graph: bool = False, profile_steps: int = 0) -> list[dict]:
     """One row per scene size: ms per TTT step (forward, KD loss, backward, SGD) and peak memory of
     the reference and the fast path, timed in the same run (the peak includes the scene's teacher
     features on the device, `scene_feature_gb`); with `protocol_rotations` > 0, also
@@ -126,7 +148,9 @@ def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str
     first): what the step loop of the protocol sees. With `tf32`, another path, "tf32": the fast
     path with its fp32 products on TF32 tensor cores (AdaptConfig.tf32). With `graph`, "graph": the
     fast path replayed as a CUDA graph from its third step (AdaptConfig.cuda_graph); `graph_captured`
-    says whether the capture succeeded (else that path ran eagerly).
+    says whether the capture succeeded (else that path ran eagerly). With `profile_steps` > 0, that
+    many more steps of each path run under torch.profiler: `kernel_ms_per_step_<path>` (CUDA) and
+    `runtime_calls_per_step_<path>` (cudaMalloc, cudaFree, synchronisations, copies, launches).
     """
     from dataclasses import replace
 
@@ -153,7 +177,8 @@ def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str
             adapter = TTTKD(net, config)
             view = rotated(scene, 0.0, data, device)
             row["voxels"] = len(view.voxels.indices)
-            kd_voxels, target_rows = adapter.plan_targets(scene, view, np.random.default_rng(0), steps=steps + warmup)
+            kd_voxels, target_rows = adapter.plan_targets(scene, view, np.random.default_rng(0),
+                                                          steps=steps + warmup + profile_steps)
             if gpu:  # from before the warm-up: a graph allocates its step's memory when it is captured
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -169,6 +194,11 @@ def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str
             row[f"reserved_gpu_mem_gb_{path}"] = torch.cuda.memory_reserved(device) / 2**30 if gpu else None
             if path == "graph":
                 row["graph_captured"] = adapter.graph is not None and adapter.graph.graph is not None
+            if profile_steps > 0:
+                first = steps + warmup
+                row[f"kernel_ms_per_step_{path}"], row[f"runtime_calls_per_step_{path}"] = _profile_steps(
+                    lambda i: adapter.step(view, kd_voxels[first + i], scene.feature[target_rows[first + i]]),
+                    profile_steps, device)
             adapter.reset()
             if protocol_rotations > 0:
                 adapter.config = replace(config, rotations=protocol_rotations)
