@@ -42,6 +42,9 @@ def extract(
     feature_codec: Annotated[str, typer.Option(help="fp16 or int8")] = "fp16",
     write: Annotated[bool, typer.Option(help="--no-write: everything but the zarr write, to see what it costs")] = True,
     repeats: Annotated[int, typer.Option(help="timed repeats of the model-only batch")] = 10,
+    profile: Annotated[int, typer.Option(
+        help="after the timed run, extract this many scenes again under torch.profiler: GPU kernel time against "
+             "wall time, CUDA syncs and copies, top kernels; 0: skip")] = 0,
     out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-extract.json"),
 ):
     """Teacher-only and end-to-end extraction throughput (images/s) and their ratio, in one run, for
@@ -81,7 +84,7 @@ def extract(
                                           feature_codec=feature_codec)
             try:
                 result = bench_extract(config, scene_ids=ids, device=device, decoders=decoders, repeats=repeats,
-                                       store_dir=case_dir, write=write, writers=writers)
+                                       store_dir=case_dir, write=write, writers=writers, profile_scenes=profile)
             except (OSError, ValueError, RuntimeError) as e:
                 fail(str(e))
             rows.append({"workload": workload.name if workload else str(root), **result})
@@ -100,6 +103,15 @@ def extract(
     for r in rows:  # whole lines too: a narrow terminal folds the table's headers
         console.print(f"{r['workload']}: model only: images / s {r['model_images_per_s']:.1f}, end to end: images / s "
                       f"{r['end_to_end_images_per_s']:.1f}, ratio {r['ratio']:.1%}", soft_wrap=True, highlight=False)
+    for r in rows:
+        if r["profile"]:
+            p = r["profile"]
+            calls = lambda *keys: sum(n for key, n in p["runtime_calls"].items() if any(k in key for k in keys))
+            kernels = "-" if p["kernel_ms"] is None else f"{p['kernel_ms'] / 1e3:.2f} s of GPU kernels"
+            console.print(f"{r['workload']}, profiled ({p['scenes']} scene{'s' * (p['scenes'] != 1)}): {p['wall_s']:.2f} s wall, {kernels}; "
+                          f"syncs {calls('Synchronize')}, copies {calls('Memcpy')}, launches {calls('Launch')}; top "
+                          "kernels (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in list(p["top_kernels_ms"].items())[:5]),
+                          soft_wrap=True, highlight=False)
     out.write_text(json.dumps({**rows[0], "rows": rows}, indent=1))  # top level: the first row, as before
     console.print(f"wrote {out}")
 

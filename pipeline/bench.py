@@ -49,6 +49,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PROFILED_CALLS = ("Malloc", "Free", "Synchronize", "Memcpy", "Launch", "Memset")
+"""CUDA runtime calls a profile counts: allocations (a cudaFree waits for the device),
+synchronisations and copies stop the host from running ahead; launches are its per-kernel cost."""
+
+
+def profile_run(work, device: torch.device, *, top: int = 8) -> dict:
+    """work() under torch.profiler -> wall seconds, GPU kernel ms in all (None on CPU), the CUDA
+    runtime calls counted (`PROFILED_CALLS`) and the `top` kernels by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        work()
+        sync(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    return {"wall_s": wall,
+            "kernel_ms": sum(e.device_time_total for e in kernels) / 1e3 if cuda else None,
+            "runtime_calls": {e.key: e.count for e in events
+                              if e.key.startswith("cuda") and any(k in e.key for k in PROFILED_CALLS)},
+            "top_kernels_ms": {e.key[:80]: e.device_time_total / 1e3
+                               for e in sorted(kernels, key=lambda e: -e.device_time_total)[:top]}}
+
+
 def _write_room(root: Path, scene_id: str, workload: Workload, rendered: int, seed: int) -> None:
     rng = np.random.default_rng([seed, int(scene_id[5:9])])
     synth.write_scene(root, scene_id, domain=synth.DOMAINS["a"], rng=rng, views=min(rendered, workload.views),
@@ -101,9 +127,12 @@ def time_teacher(teacher, pixels: torch.Tensor, *, repeats: int, warmup: int) ->
 
 
 def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, decoders: int, repeats: int = 10,
-                  warmup: int = 3, store_dir: Path, write: bool = True, writers: int = 4) -> dict:
+                  warmup: int = 3, store_dir: Path, write: bool = True, writers: int = 4,
+                  profile_scenes: int = 0) -> dict:
     """Time the teacher alone on one batch of the workload's images, then extract `scene_ids` end to
-    end with the fast path into a fresh store (after a warm-up scene in another store)."""
+    end with the fast path into a fresh store (after a warm-up scene in another store). With
+    `profile_scenes` > 0, extract that many more (the first ones again, into a third store) under
+    torch.profiler: `profile` holds its wall time, GPU kernel time, CUDA runtime calls and top kernels."""
     start = time.perf_counter()
     teacher = load_teacher(config.teacher, weights=config.weights, device=device)
     load_seconds = time.perf_counter() - start
@@ -133,6 +162,14 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, deco
         results = list(extract_scenes(reader, scene_ids, teacher=teacher, config=config, store=store, split=None,
                                       pool=pool, writers=writing, write=write, timings=timings))
         e2e_seconds = time.perf_counter() - start
+        profiled = None
+        if profile_scenes > 0:
+            again = store_dir / "profile.zarr"
+            cache.open_for_writing(again, record)
+            profiled = profile_run(lambda: list(extract_scenes(
+                reader, scene_ids[:profile_scenes], teacher=teacher, config=config, store=again, split=None,
+                pool=pool, writers=writing, write=write)), teacher.device)
+            profiled["scenes"] = len(scene_ids[:profile_scenes])
     failed = {r.scene_id: r.reason for r in results if r.status != "done"}
     if failed:
         raise RuntimeError(f"benchmark scenes failed: {failed}")
@@ -167,6 +204,7 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, deco
         "store_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
         "teacher_load_s": load_seconds,
         "weights_hash_s": hash_seconds,
+        "profile": profiled,
     }
 
 

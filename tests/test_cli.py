@@ -94,6 +94,18 @@ def test_bench_extract_prints_both_throughputs(tmp_path):
     record = json.loads(out.read_text())
     assert record["model_images_per_s"] > 0 and record["end_to_end_images_per_s"] > 0
     assert "model only: images / s" in result.output
+    assert record["profile"] is None  # only when asked
+
+
+def test_bench_extract_profiles_scenes_again_when_asked(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(tttkd_app, ["bench", "extract", "--scenes", "1", "--device", "cpu", "--repeats", "1",
+                                       "--batch-size", "2", "--profile", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    profile = json.loads(out.read_text())["profile"]
+    # on CPU: no GPU kernels and no CUDA calls, but the extraction ran under the profiler
+    assert profile["scenes"] == 1 and profile["wall_s"] > 0 and profile["kernel_ms"] is None
+    assert profile["runtime_calls"] == {} and "profiled (1 scene)" in result.output
 
 
 def test_extract_dry_run_lists_scenes_and_names_what_is_wrong(tmp_path):

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from tttkd.pipeline.bench import sync as _sync
+from tttkd.pipeline.bench import profile_run, sync as _sync
 from tttkd.pipeline.cache import FeatureCache
 
 from .data import CacheDataset, batches_per_epoch, in_channels, kd_basis, make_epoch_loader, make_loader
@@ -112,26 +112,12 @@ the fast path builds them once per rotation and reads nothing back inside the st
 graphs off by default, see AdaptConfig.cuda_graph; `graph=True` times them as a third path)."""
 
 
-PROFILED_CALLS = ("Malloc", "Free", "Synchronize", "Memcpy", "Launch", "Memset")
-"""CUDA runtime calls a profiled step counts: allocations (a cudaFree waits for the device),
-synchronisations and copies stop the host from running ahead; launches are its per-kernel cost."""
-
-
 def _profile_steps(step, count: int, device: torch.device) -> tuple[float | None, dict[str, float]]:
-    """torch.profiler over `count` calls of step(i) -> (GPU kernel ms per step or None on CPU,
+    """`count` calls of step(i) under torch.profiler -> (GPU kernel ms per step or None on CPU,
     {CUDA runtime call: calls per step})."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for i in range(count):
-            step(i)
-        _sync(device)
-    events = prof.key_averages()
-    kernel_ms = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / count / 1e3 if cuda else None
-    calls = {e.key: e.count / count for e in events
-             if e.key.startswith("cuda") and any(k in e.key for k in PROFILED_CALLS)}
-    return kernel_ms, calls
+    profiled = profile_run(lambda: [step(i) for i in range(count)], device)
+    kernel_ms = None if profiled["kernel_ms"] is None else profiled["kernel_ms"] / count
+    return kernel_ms, {key: n / count for key, n in profiled["runtime_calls"].items()}
 
 
 def bench_ttt(sizes: tuple[int, ...] = (25_000, 100_000, 400_000), *, model: str = "minkunet34c", kd_dim: int = 1024,
