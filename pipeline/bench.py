@@ -67,10 +67,13 @@ def profile_run(work, device: torch.device, *, top: int = 8) -> dict:
         wall = time.perf_counter() - start
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type.name == "CUDA"]
+    calls = {e.key: e.count for e in events  # runtime (cuda*) and driver (cu*) API calls
+             if e.key.startswith("cu") and any(k in e.key for k in PROFILED_CALLS)}
+    if cuda and calls.get("cudaDeviceSynchronize"):  # the profile's own closing sync is not the work's
+        calls["cudaDeviceSynchronize"] -= 1
     return {"wall_s": wall,
             "kernel_ms": sum(e.device_time_total for e in kernels) / 1e3 if cuda else None,
-            "runtime_calls": {e.key: e.count for e in events
-                              if e.key.startswith("cuda") and any(k in e.key for k in PROFILED_CALLS)},
+            "runtime_calls": {key: n for key, n in calls.items() if n},
             "top_kernels_ms": {e.key[:80]: e.device_time_total / 1e3
                                for e in sorted(kernels, key=lambda e: -e.device_time_total)[:top]}}
 
@@ -162,15 +165,15 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, deco
         results = list(extract_scenes(reader, scene_ids, teacher=teacher, config=config, store=store, split=None,
                                       pool=pool, writers=writing, write=write, timings=timings))
         e2e_seconds = time.perf_counter() - start
-        profiled = None
+        profiled, again_results = None, []
         if profile_scenes > 0:
             again = store_dir / "profile.zarr"
             cache.open_for_writing(again, record)
-            profiled = profile_run(lambda: list(extract_scenes(
+            profiled = profile_run(lambda: again_results.extend(extract_scenes(
                 reader, scene_ids[:profile_scenes], teacher=teacher, config=config, store=again, split=None,
                 pool=pool, writers=writing, write=write)), teacher.device)
             profiled["scenes"] = len(scene_ids[:profile_scenes])
-    failed = {r.scene_id: r.reason for r in results if r.status != "done"}
+    failed = {r.scene_id: r.reason for r in results + again_results if r.status != "done"}
     if failed:
         raise RuntimeError(f"benchmark scenes failed: {failed}")
     num_images = sum(r.num_views for r in results)

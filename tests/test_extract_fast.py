@@ -190,7 +190,14 @@ print(*(r.status for r in results))
 """
 
 
-@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm: arrays go to the writers through a pipe")
+def _shared_memory_room() -> bool:
+    from tttkd.pipeline.batched import _shm_room
+
+    return _shm_room({})
+
+
+@pytest.mark.skipif(not _shared_memory_room(), reason="/dev/shm missing or under 1 GiB free: arrays go to the "
+                                                      "writers through a pipe")
 def test_writing_processes_leave_the_shared_memory_bookkeeping_to_its_creator(synth_root, tmp_path):
     """Scenes handed to writing processes through shared memory: written, every block unlinked, and
     the resource tracker the processes share prints nothing (a writer that unregistered a block made it

@@ -198,6 +198,9 @@ def test_resume_reproduces_the_next_steps_exactly(synth_cache, tmp_path, monkeyp
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert a["step"] == b["step"] == 4
+    # the log holds each step once: the checkpoint's history, then the resumed run's
+    steps = lambda run: [json.loads(line)["step"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert steps("resumed") == steps("straight") == [1, 2, 3, 4]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
 
@@ -411,8 +414,9 @@ def test_last_checkpoint_is_written_when_due_and_after_the_last_epoch(synth_cach
 
     saved = []
     real_save = torch.save
-    monkeypatch.setattr(train_module.torch, "save", lambda obj, path: (saved.append((Path(path).name, obj["epoch"])),
-                                                                         real_save(obj, path)))
+    monkeypatch.setattr(train_module.torch, "save", lambda obj, path: (
+        saved.append((Path(path).name.removesuffix(".tmp"), obj["epoch"])), real_save(obj, path)))
     train(synth_cache, tmp_path / "run", tiny_config(epochs=3, checkpoint_minutes=minutes), progress=False)
     assert saved == [("last.pt", e) for e in written]
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["curves.png", "last.pt", "metrics.jsonl"]

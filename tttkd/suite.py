@@ -135,7 +135,7 @@ class SuiteConfig:
         record = asdict(self)
         for key in ("name", "families", "seeds", "rows", "workers", "jobs"):
             record.pop(key)
-        for key in ("workers", "checkpoint_minutes", "ddp_batch_norm"):  # no effect on one process's model
+        for key in NO_EFFECT_ON_THE_MODEL:
             record["train"].pop(key, None)
         return json.loads(json.dumps(record))
 
@@ -174,6 +174,10 @@ def outdoor_suite() -> SuiteConfig:
                           data=DataConfig(voxel_size_m=0.05, input_features="xyz", augment=OUTDOOR_AUGMENTATION)),
         adapt=AdaptConfig(steps=25, lr=0.1, rotations=4, kd_points=16384))
 
+
+NO_EFFECT_ON_THE_MODEL = ("workers", "checkpoint_minutes", "ddp_batch_norm")
+"""Training options that change no trained model of one process: left out of protocols, run folder
+names and the check of a reused checkpoint."""
 
 SUITES = {"cpu": cpu_suite, "gpu": gpu_suite, "outdoor": outdoor_suite}
 
@@ -337,7 +341,7 @@ class Workspace:
     def train_key(self) -> str:
         """A short hash of the training config (seed and use_kd are per run, workers change no result)."""
         record = asdict(self.config.train)
-        for key in ("workers", "seed", "use_kd"):
+        for key in ("seed", "use_kd", *NO_EFFECT_ON_THE_MODEL):
             record.pop(key)
         return "train-" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -486,7 +490,7 @@ def _comparable(train_config: dict | None) -> dict | None:
     if train_config is None:
         return None
     record = json.loads(json.dumps(train_config))
-    for key in ("workers", "checkpoint_minutes", "ddp_batch_norm"):  # no effect on one process's model
+    for key in NO_EFFECT_ON_THE_MODEL:
         record.pop(key, None)
     return record
 

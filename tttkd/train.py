@@ -8,6 +8,7 @@ evaluate and checkpoint. Outputs in `out`: last.pt / best.pt, metrics.jsonl, cur
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -121,6 +122,14 @@ def batch_losses(model, batch, config: TrainConfig, basis: torch.Tensor | None =
     return loss_seg * seg_weight + kd_weight * loss_kd, loss_seg, loss_kd
 
 
+def save_atomic(checkpoint: dict, path: Path) -> None:
+    """torch.save to a temporary file, then a rename: a run killed mid-write leaves the previous
+    checkpoint whole (a MinkUNet34C checkpoint with its optimiser is ~300 MB)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
 def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path | None = None,
           device: str = "cpu", resume: bool = False, progress: bool = True) -> dict:
     """Train on the `config.split` scenes of `cache_path`; after each epoch evaluate the
@@ -189,7 +198,10 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # GlobalBatchNorm keeps the running statistics equal everywhere
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    log = None
+    if rank == 0:  # the resumed checkpoint's history, then this run's: epochs after last.pt are not repeated
+        log = open(out / "metrics.jsonl", "w")
+        log.writelines(json.dumps(record) + "\n" for record in history)
     # one loader for the remaining epochs: its workers prefetch the next epoch while this one ends
     loader, _ = make_epoch_loader(dataset, batch_size=config.batch_size, shuffle=True, workers=config.workers,
                                   seed=config.seed, epochs=range(start_epoch, config.epochs), rank=rank,
@@ -245,7 +257,9 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                 log.flush()
             # checkpoint
             improved = miou is not None and miou > best
-            due = time.monotonic() - saved >= 60 * config.checkpoint_minutes or epoch == config.epochs - 1
+            # last.pt whenever best.pt is written too: a resumed run then never forgets a better best.pt
+            due = (time.monotonic() - saved >= 60 * config.checkpoint_minutes or epoch == config.epochs - 1
+                   or improved)
             if not (improved or due):
                 continue
             checkpoint = {
@@ -255,11 +269,11 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                 "teacher": teacher_of(provenance), "dataset": provenance.get("dataset"), "best_miou": max(best, miou if miou is not None else -1.0),
             }
             if due:
-                torch.save(checkpoint, out / "last.pt")
-                saved, shown = time.monotonic(), float("nan")
+                save_atomic(checkpoint, out / "last.pt")
+                saved = time.monotonic()
             if improved:
                 best = miou
-                torch.save(checkpoint, out / "best.pt")
+                save_atomic(checkpoint, out / "best.pt")
     if rank != 0:
         return {"out": str(out), "epochs": config.epochs, "steps": step, "best_val_miou": None, "final_loss": None}
     log.close()
