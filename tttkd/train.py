@@ -219,8 +219,10 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                 # forward + loss
                 share = None
                 if world_size > 1:  # this process's share of the global batch's labelled voxels and KD targets
-                    share = distributed.global_share(torch.stack([(batch.label >= 0).sum(), torch.tensor(
-                        len(batch.kd_voxel), device=device)]))
+                    # the KD count filled on the device: torch.tensor(n, device=cuda) copies from pageable
+                    # memory, which waits for the GPU at every step
+                    share = distributed.global_share(torch.stack([(batch.label >= 0).sum(), batch.label.new_full(
+                        (), len(batch.kd_voxel))]))
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     loss, loss_seg, loss_kd = batch_losses(model, batch, config, basis, share)
                 # backward + step (the OneCycle schedule advances once per batch)
