@@ -116,6 +116,38 @@ def extract(
     console.print(f"wrote {out}")
 
 
+@app.command("codecs")
+def codecs(
+    cache: Annotated[Path, typer.Option("--cache", help="an fp16 feature cache (2 scenes or more)")],
+    dims: Annotated[str, typer.Option(help="pca-int8 dimensions K, comma-separated")] = "64,128,256,384",
+    out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-codecs.json"),
+):
+    """Bytes per seen point and fidelity (cosine to fp16) of the int8 and pca-int8 codecs on a
+    store, pca-int8 also with a basis fitted without the scene it encodes."""
+    from tttkd.pipeline.bench import bench_codecs
+
+    try:
+        k = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        fail(f"--dims takes integers, comma-separated, not {dims!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            result = bench_codecs(cache, dims=k, work=Path(tmp))
+        except (OSError, ValueError) as e:
+            fail(str(e))
+    stats = lambda c: "-" if c is None else f"{c['mean']:.4f} / {c['p1']:.4f}"
+    table = Table(title=f"tttkd bench codecs: {result['teacher']} (D = {result['feature_dim']}), "
+                        f"{result['scenes']} scenes, {result['seen_points']} seen points")
+    for column in ("codec", "bytes / seen point", "cosine to fp16: mean / 1st pct", "basis of the other scenes"):
+        table.add_column(column, justify="left" if column == "codec" else "right")
+    for r in result["rows"]:
+        table.add_row(r["codec"] + (f" K = {r['dims']}" if r["dims"] else ""), f"{r['bytes_per_seen_point']:.0f}",
+                      stats(r.get("cosine")), stats(r.get("cosine_held_out")))
+    console.print(table)
+    out.write_text(json.dumps(result, indent=1))
+    console.print(f"wrote {out}")
+
+
 @app.command("train")
 def train(
     cache: Annotated[Path, typer.Option("--cache", help="feature cache to train from")],

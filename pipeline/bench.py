@@ -213,3 +213,68 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, deco
 
 def default_bench_config(root: Path, teacher: str, **overrides) -> PrepConfig:
     return replace(PrepConfig(dataset="scannet", root=root, teacher=teacher), **overrides)
+
+
+class _OtherScenes:
+    """A store seen without some of its scenes: what `pca.fit_basis` reads, to fit a basis that has
+    not seen the held-out scenes."""
+
+    def __init__(self, cache: cache.FeatureCache, without: set[str]):
+        self.cache, self.without = cache, without
+        self.path, self.provenance = cache.path, cache.provenance
+
+    def scene_ids(self) -> list[str]:
+        return [s for s in self.cache.scene_ids() if s not in self.without]
+
+    def __getattr__(self, name):  # scene_attrs, read_feature_window, decode
+        return getattr(self.cache, name)
+
+
+def _cosine_stats(decoded: np.ndarray, reference: np.ndarray) -> dict:
+    norms = np.maximum(np.linalg.norm(decoded, axis=1) * np.linalg.norm(reference, axis=1), 1e-12)
+    cosine = (decoded * reference).sum(1) / norms
+    return {"mean": float(cosine.mean()), "p1": float(np.percentile(cosine, 1)), "min": float(cosine.min())}
+
+
+def bench_codecs(store: Path, *, dims: tuple[int, ...] = (64, 128, 256, 384), work: Path) -> dict:
+    """What each feature codec costs and keeps, on an fp16 store: for int8 and pca-int8 at each K,
+    the store recoded under `work` (bytes per seen point, all arrays) and the cosine of each decoded
+    feature to the fp16 one (mean, 1st percentile, min); and for pca-int8, the same cosine on each
+    scene with a basis fitted on the store's other scenes (a basis meeting content it never saw),
+    its coefficients through the store's int8 filter."""
+    from .cache import feature_filters, recode
+    from .pca import fit_basis
+
+    fp16 = cache.FeatureCache(store)
+    if fp16.provenance.get("feature_codec", "fp16") != "fp16":
+        raise ValueError(f"{store}: a {fp16.provenance['feature_codec']} store; bench codecs compares against "
+                         "an fp16 one")
+    scene_ids = fp16.scene_ids()
+    if len(scene_ids) < 2:
+        raise ValueError(f"{store}: {len(scene_ids)} complete scene(s); the held-out basis needs at least 2")
+    reference = {s: fp16.read(s).feature.astype(np.float32) for s in scene_ids}
+    seen = sum(len(f) for f in reference.values())
+    feature_dim = fp16.provenance["feature_dim"]
+    rows = [{"codec": "fp16", "dims": None, "bytes_per_seen_point": fp16.bytes_on_disk() / seen}]
+    import numcodecs
+
+    int8_filter = numcodecs.get_codec(feature_filters("int8")[0].codec_config)  # the store's filter, synchronously
+    for codec, k in [("int8", None)] + [("pca-int8", k) for k in dims if k < feature_dim]:
+        recoded = Path(work) / f"{codec}{k or ''}.zarr"
+        recode(store, recoded, feature_codec=codec, pca_dims=k)
+        decoded_cache = cache.FeatureCache(recoded)
+        decoded = np.concatenate([decoded_cache.decode(decoded_cache.read(s).feature) for s in scene_ids])
+        row = {"codec": codec, "dims": k, "bytes_per_seen_point": decoded_cache.bytes_on_disk() / seen,
+               "cosine": _cosine_stats(decoded, np.concatenate([reference[s] for s in scene_ids]))}
+        if k is not None:  # each scene with the basis of the others
+            held_out = []
+            for s in scene_ids:
+                basis = fit_basis(_OtherScenes(fp16, {s}), dims=k)
+                coefficients = reference[s] @ basis
+                stored = int8_filter.decode(int8_filter.encode(coefficients.astype(np.float16))).astype(np.float32)
+                held_out.append(stored.reshape(coefficients.shape) @ basis.T)
+            row["cosine_held_out"] = _cosine_stats(np.concatenate(held_out),
+                                                   np.concatenate([reference[s] for s in scene_ids]))
+        rows.append(row)
+    return {"store": str(store), "teacher": fp16.provenance.get("teacher"), "feature_dim": feature_dim,
+            "scenes": len(scene_ids), "seen_points": seen, "date": time.strftime("%Y-%m-%d"), "rows": rows}

@@ -232,3 +232,26 @@ def test_training_and_ttt_read_a_pca_cache_through_its_basis(synth_cache, pca_ca
                 adapter.step(turned, *targets)
         else:
             assert torch.isfinite(adapter.step(turned, *targets))
+
+
+def test_bench_codecs_reports_size_and_fidelity_of_each_codec(synth_cache, tmp_path):
+    """`tttkd bench codecs`: int8 and pca-int8 recoded from the fp16 store, smaller as they should
+    be, int8 nearly lossless, pca closer to fp16 with more directions, and a basis that never saw a
+    scene no better on it than the store's own."""
+    from typer.testing import CliRunner
+
+    from tttkd.cli.main import app
+
+    out = tmp_path / "codecs.json"
+    result = CliRunner().invoke(app, ["bench", "codecs", "--cache", str(synth_cache), "--dims", "16,64",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {(r["codec"], r["dims"]): r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == [("fp16", None), ("int8", None), ("pca-int8", 16), ("pca-int8", 64)]
+    size = {key: r["bytes_per_seen_point"] for key, r in rows.items()}
+    assert size[("fp16", None)] > size[("int8", None)] > size[("pca-int8", 64)] > size[("pca-int8", 16)]
+    assert rows[("int8", None)]["cosine"]["mean"] > 0.995
+    assert rows[("pca-int8", 16)]["cosine"]["mean"] < rows[("pca-int8", 64)]["cosine"]["mean"]
+    for k in (16, 64):
+        assert rows[("pca-int8", k)]["cosine_held_out"]["mean"] <= rows[("pca-int8", k)]["cosine"]["mean"] + 1e-3
+    assert "pca-int8 K = 64" in result.output
