@@ -103,13 +103,15 @@ def extract(
     for r in rows:  # whole lines too: a narrow terminal folds the table's headers
         console.print(f"{r['workload']}: model only: images / s {r['model_images_per_s']:.1f}, end to end: images / s "
                       f"{r['end_to_end_images_per_s']:.1f}, ratio {r['ratio']:.1%}", soft_wrap=True, highlight=False)
+    from tttkd.pipeline.bench import grouped_calls
+
     for r in rows:
         if r["profile"]:
             p = r["profile"]
-            calls = lambda *keys: sum(n for key, n in p["runtime_calls"].items() if any(k in key for k in keys))
+            calls = grouped_calls(p["runtime_calls"])
             kernels = "-" if p["kernel_ms"] is None else f"{p['kernel_ms'] / 1e3:.2f} s of GPU kernels"
             console.print(f"{r['workload']}, profiled ({p['scenes']} scene{'s' * (p['scenes'] != 1)}): {p['wall_s']:.2f} s wall, {kernels}; "
-                          f"syncs {calls('Synchronize')}, copies {calls('Memcpy')}, launches {calls('Launch')}; top "
+                          f"syncs {calls['syncs']}, copies {calls['copies']}, launches {calls['launches']}; top "
                           "kernels (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in list(p["top_kernels_ms"].items())[:5]),
                           soft_wrap=True, highlight=False)
     out.write_text(json.dumps({**rows[0], "rows": rows}, indent=1))  # top level: the first row, as before
@@ -202,15 +204,16 @@ def train(
 
 def profile_table(rows: list[dict], paths: list[str]) -> Table:
     """Per size and path: kernel ms and the CUDA runtime calls a step makes, grouped."""
-    groups = {"malloc": ("Malloc",), "free": ("Free",), "syncs": ("Synchronize",), "copies": ("Memcpy",),
-              "launches": ("Launch",)}
+    from tttkd.pipeline.bench import grouped_calls
+
+    groups = ("malloc", "free", "syncs", "copies", "launches")
     table = Table(title="profiled steps: per step")
     for column in ("voxels", "path", "GPU kernel ms", *groups):
         table.add_column(column, justify="right")
     for r in rows:
         for path in paths:
-            calls = r[f"runtime_calls_per_step_{path}"]
-            counts = [sum(n for key, n in calls.items() if any(k in key for k in keys)) for keys in groups.values()]
+            calls = grouped_calls(r[f"runtime_calls_per_step_{path}"])
+            counts = [calls[group] for group in groups]
             kernel = r[f"kernel_ms_per_step_{path}"]
             table.add_row(str(r["voxels"]), path, "-" if kernel is None else f"{kernel:.1f}", *(f"{c:.0f}" for c in counts))
     return table

@@ -49,14 +49,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-PROFILED_CALLS = ("Malloc", "Free", "Synchronize", "Memcpy", "Launch", "Memset")
-"""CUDA runtime calls a profile counts: allocations (a cudaFree waits for the device),
-synchronisations and copies stop the host from running ahead; launches are its per-kernel cost."""
+CALL_GROUPS = {"malloc": "Malloc", "free": "Free", "syncs": "Synchronize", "copies": "Memcpy", "launches": "Launch",
+               "memsets": "Memset"}
+"""CUDA API calls a profile counts, by what their names hold: allocations (a cudaFree waits for the
+device), synchronisations and copies stop the host from running ahead; launches are its per-kernel cost."""
+
+
+def grouped_calls(calls: dict[str, float]) -> dict[str, float]:
+    """{CUDA API call: count} -> {group of CALL_GROUPS: count}."""
+    return {group: sum(n for key, n in calls.items() if part in key) for group, part in CALL_GROUPS.items()}
 
 
 def profile_run(work, device: torch.device, *, top: int = 8) -> dict:
     """work() under torch.profiler -> wall seconds, GPU kernel ms in all (None on CPU), the CUDA
-    runtime calls counted (`PROFILED_CALLS`) and the `top` kernels by GPU time."""
+    API calls counted (`CALL_GROUPS`) and the `top` kernels by GPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -68,7 +74,7 @@ def profile_run(work, device: torch.device, *, top: int = 8) -> dict:
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type.name == "CUDA"]
     calls = {e.key: e.count for e in events  # runtime (cuda*) and driver (cu*) API calls
-             if e.key.startswith("cu") and any(k in e.key for k in PROFILED_CALLS)}
+             if e.key.startswith("cu") and any(part in e.key for part in CALL_GROUPS.values())}
     if cuda and calls.get("cudaDeviceSynchronize"):  # the profile's own closing sync is not the work's
         calls["cudaDeviceSynchronize"] -= 1
     return {"wall_s": wall,
@@ -242,6 +248,8 @@ def bench_codecs(store: Path, *, dims: tuple[int, ...] = (64, 128, 256, 384), wo
     feature to the fp16 one (mean, 1st percentile, min); and for pca-int8, the same cosine on each
     scene with a basis fitted on the store's other scenes (a basis meeting content it never saw),
     its coefficients through the store's int8 filter."""
+    import numcodecs
+
     from .cache import feature_filters, recode
     from .pca import fit_basis
 
@@ -255,9 +263,8 @@ def bench_codecs(store: Path, *, dims: tuple[int, ...] = (64, 128, 256, 384), wo
     reference = {s: fp16.read(s).feature.astype(np.float32) for s in scene_ids}
     seen = sum(len(f) for f in reference.values())
     feature_dim = fp16.provenance["feature_dim"]
+    everything = np.concatenate([reference[s] for s in scene_ids])
     rows = [{"codec": "fp16", "dims": None, "bytes_per_seen_point": fp16.bytes_on_disk() / seen}]
-    import numcodecs
-
     int8_filter = numcodecs.get_codec(feature_filters("int8")[0].codec_config)  # the store's filter, synchronously
     for codec, k in [("int8", None)] + [("pca-int8", k) for k in dims if k < feature_dim]:
         recoded = Path(work) / f"{codec}{k or ''}.zarr"
@@ -265,7 +272,7 @@ def bench_codecs(store: Path, *, dims: tuple[int, ...] = (64, 128, 256, 384), wo
         decoded_cache = cache.FeatureCache(recoded)
         decoded = np.concatenate([decoded_cache.decode(decoded_cache.read(s).feature) for s in scene_ids])
         row = {"codec": codec, "dims": k, "bytes_per_seen_point": decoded_cache.bytes_on_disk() / seen,
-               "cosine": _cosine_stats(decoded, np.concatenate([reference[s] for s in scene_ids]))}
+               "cosine": _cosine_stats(decoded, everything)}
         if k is not None:  # each scene with the basis of the others
             held_out = []
             for s in scene_ids:
@@ -273,8 +280,7 @@ def bench_codecs(store: Path, *, dims: tuple[int, ...] = (64, 128, 256, 384), wo
                 coefficients = reference[s] @ basis
                 stored = int8_filter.decode(int8_filter.encode(coefficients.astype(np.float16))).astype(np.float32)
                 held_out.append(stored.reshape(coefficients.shape) @ basis.T)
-            row["cosine_held_out"] = _cosine_stats(np.concatenate(held_out),
-                                                   np.concatenate([reference[s] for s in scene_ids]))
+            row["cosine_held_out"] = _cosine_stats(np.concatenate(held_out), everything)
         rows.append(row)
     return {"store": str(store), "teacher": fp16.provenance.get("teacher"), "feature_dim": feature_dim,
             "scenes": len(scene_ids), "seen_points": seen, "date": time.strftime("%Y-%m-%d"), "rows": rows}

@@ -16,6 +16,7 @@ Attribute names (conv_input, down, enc, up, dec, seg_head, kd_head) are the chec
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,6 @@ def _spconv():
     # Its import warns about deprecated torch.cuda.amp decorators and trips a torch.fx log line:
     # noise for users, nothing they can act on.
     import logging
-    import warnings
 
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -162,7 +162,6 @@ class Backbone(nn.Module):
             x = self.dec[s](x)
         return x
 
-
     def gather_stem(self, x) -> "GatherStem | None":
         """The stem conv of `x`'s voxels as a `GatherStem`, from the pairs recorded in `x`, checked
         once against spconv's own stem on them; None (keep spconv's) if there are none or it differs."""
@@ -252,8 +251,6 @@ class GatherStem:
             return None
         if p.numel() and not (int(counts.max()) <= p.shape[2] and int(p.min()) >= -1 and int(p.max()) < n):
             return None
-        import warnings
-
         try:
             stem = cls(cls.table(pairs, n))
             with torch.no_grad():  # once per voxel set: the same function as spconv's, or spconv stays

@@ -262,7 +262,7 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
             # last.pt whenever best.pt is written too: a resumed run then never forgets a better best.pt
             due = (time.monotonic() - saved >= 60 * config.checkpoint_minutes or epoch == config.epochs - 1
                    or improved)
-            if not (improved or due):
+            if not due:
                 continue
             checkpoint = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -270,9 +270,8 @@ def train(cache_path: Path, out: Path, config: TrainConfig, *, val_cache: Path |
                 "model_config": asdict(mconfig), "train_config": asdict(config), "class_names": list(class_names),
                 "teacher": teacher_of(provenance), "dataset": provenance.get("dataset"), "best_miou": max(best, miou if miou is not None else -1.0),
             }
-            if due:
-                save_atomic(checkpoint, out / "last.pt")
-                saved = time.monotonic()
+            save_atomic(checkpoint, out / "last.pt")
+            saved = time.monotonic()
             if improved:
                 best = miou
                 save_atomic(checkpoint, out / "best.pt")
