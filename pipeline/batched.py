@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 import zlib
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -43,12 +44,15 @@ from . import cache
 from .extract import (OUT_OF_MEMORY, DecodedView, PrepConfig, SceneResult, SkippedView, check_scene, decode_view,
                       select_views)
 from .project import to_device, project_candidates
+
+# accumulate's CSR matrix: one warning per process that the format is "beta" says nothing to a user
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 from .scene import DatasetReader, Scene, SceneReadError, View
 from .teacher import Teacher
 
 
 def accumulate(feature_sum: torch.Tensor, grids: torch.Tensor, view_index: torch.Tensor, point_index: torch.Tensor,
-               uv: torch.Tensor, *, stride: int, weight: torch.Tensor | None = None) -> None:
+               uv: torch.Tensor, *, stride: int, weight: torch.Tensor | None = None, point_sorted: bool = False) -> None:
     """feature_sum[point] += weight * normalise(bilinear sample of grids[view] at uv), for every (view, point) row.
 
     The same numbers as `teacher.sample_features` per view followed by index_add_, without ever
@@ -64,6 +68,9 @@ def accumulate(feature_sum: torch.Tensor, grids: torch.Tensor, view_index: torch
         view_index, point_index: (K,) int64 rows of project_views.
         uv: (K, 2) float32 pixel coordinates.
         weight: (K,) per row (0 drops a row without a host sync to compact them), default 1.
+        point_sorted: the rows are sorted by point (`project_candidates(point_major=True)`): the
+            matrix is then built in CSR form directly, where a COO matrix must first be coalesced
+            (a sort, and on CUDA a host sync). The same sums.
     """
     v_count, _, h, w = grids.shape
     grids = grids.float()
@@ -75,7 +82,9 @@ def accumulate(feature_sum: torch.Tensor, grids: torch.Tensor, view_index: torch
     # grid_sample's source coordinate with align_corners=False, border padding: clamp into the grid
     x = ((uv[:, 0] + 0.5) / stride - 0.5).clamp(0, w - 1)
     y = ((uv[:, 1] + 0.5) / stride - 0.5).clamp(0, h - 1)
-    x0, y0 = x.floor(), y.floor()
+    # the last column (row) interpolates from the one before it with weight 0, so the four cells of
+    # a row are distinct and ascending, as a CSR matrix wants; the same values as x1 = x0 there
+    x0, y0 = x.floor().clamp(max=max(w - 2, 0)), y.floor().clamp(max=max(h - 2, 0))
     fx, fy = x - x0, y - y0
     x0, y0 = x0.long(), y0.long()
     x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
@@ -90,10 +99,17 @@ def accumulate(feature_sum: torch.Tensor, grids: torch.Tensor, view_index: torch
     coefficients = weights / norm2.clamp_min(0).sqrt().clamp_min(1e-12)[:, None]  # F.normalize's eps
     if weight is not None:
         coefficients = coefficients * weight[:, None]
-    matrix = torch.sparse_coo_tensor(torch.stack([point_index.repeat_interleave(4), cells.reshape(-1)]),
-                                     coefficients.reshape(-1), (feature_sum.shape[0], v_count * h * w),
-                                     check_invariants=False)  # indices are in range by construction
     cell_features = grids.permute(0, 2, 3, 1).reshape(v_count * h * w, -1)  # (V*h*w, D)
+    size = (feature_sum.shape[0], v_count * h * w)
+    if point_sorted:  # a point's rows are its views in order: columns ascend within each CSR row
+        crow = torch.searchsorted(point_index, torch.arange(size[0] + 1, device=point_index.device)) * 4
+        matrix = torch.sparse_csr_tensor(crow, cells.reshape(-1), coefficients.reshape(-1), size,
+                                         check_invariants=False)
+        feature_sum.addmm_(matrix, cell_features)
+        return
+    matrix = torch.sparse_coo_tensor(torch.stack([point_index.repeat_interleave(4), cells.reshape(-1)]),
+                                     coefficients.reshape(-1), size,
+                                     check_invariants=False)  # indices are in range by construction
     feature_sum += torch.sparse.mm(matrix, cell_features)
 
 
@@ -188,7 +204,7 @@ class _Run:
             work = items[rows[0]][0]
             decoded = [items[i][1] for i in rows]
             # hidden pairs stay in, weighted 0: compacting them would stop the host until the GPU catches up
-            view_index, point_index, uv, visible = project_candidates(work.coord, decoded,
+            view_index, point_index, uv, visible = project_candidates(work.coord, decoded, point_major=True,
                                                                       config=self.config.projection)
             if work.feature_sum is None:
                 work.feature_sum = torch.zeros(work.scene.num_points, grids.shape[1], device=self.device)
@@ -196,7 +212,7 @@ class _Run:
                 contiguous = rows == list(range(rows[0], rows[0] + len(rows)))  # the usual case: no index copy
                 views = grids[rows[0]: rows[0] + len(rows)] if contiguous else grids[to_device(np.array(rows), self.device)]
                 accumulate(work.feature_sum, views, view_index, point_index, uv, stride=teacher.stride,
-                           weight=visible.float())
+                           weight=visible.float(), point_sorted=True)
                 work.view_count.index_add_(0, point_index, visible.int())
             work.used += len(rows)
 

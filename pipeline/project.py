@@ -166,7 +166,8 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def project_candidates(coord: torch.Tensor, views: Sequence, *, config: ProjectionConfig) -> Candidates:
+def project_candidates(coord: torch.Tensor, views: Sequence, *, config: ProjectionConfig,
+                       point_major: bool = False) -> Candidates:
     """`project_views` without dropping the hidden pairs (the fast path weights them by `visible`
     instead): one host sync, for the number of pairs in the frusta; every per-view input crosses
     to the device in two asynchronous copies (parameters, depth images)."""
@@ -200,7 +201,11 @@ def project_candidates(coord: torch.Tensor, views: Sequence, *, config: Projecti
     pu, pv = torch.round(u), torch.round(v)  # round half to even, as np.rint
     keep = ((z > config.min_depth_m) & (pu >= margin) & (pu <= width - 1 - margin)
             & (pv >= margin) & (pv <= height - 1 - margin))
-    view_index, point_index = torch.nonzero(keep, as_tuple=True)  # host sync: the count sizes the rest
+    # host sync: the count sizes the rest. Rows by view then point, or (point_major) by point then view
+    if point_major:
+        point_index, view_index = torch.nonzero(keep.T, as_tuple=True)
+    else:
+        view_index, point_index = torch.nonzero(keep, as_tuple=True)
     cam, depth_z = points_cam[view_index, point_index], z[view_index, point_index]
     uv = torch.stack([u[view_index, point_index], v[view_index, point_index]], dim=1)
 

@@ -153,6 +153,7 @@ class Teacher:
         family_mean, family_std = (IMAGENET_MEAN, IMAGENET_STD) if self.spec.family == "dinov2" else (LITE_MEAN, LITE_STD)
         self.mean = torch.tensor(family_mean).view(3, 1, 1)
         self.std = torch.tensor(family_std).view(3, 1, 1)
+        self._normalisation_on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def stride(self) -> int:
@@ -179,6 +180,14 @@ class Teacher:
             x = F.pad(x[None], (0, in_w - width, 0, in_h - height), mode="replicate")[0]
         return x
 
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std on `device`, copied there once (a copy from pageable host memory per batch
+        waits for everything queued on the GPU)."""
+        key = str(device)
+        if key not in self._normalisation_on:
+            self._normalisation_on[key] = (self.mean.to(device), self.std.to(device))
+        return self._normalisation_on[key]
+
     def prepare_batch(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 on any device -> (B, 3, H', W') normalised on that device, fitted to
         the size multiple: `prepare` for a batch, so the GPU does the arithmetic and only uint8
@@ -186,7 +195,8 @@ class Teacher:
         height, width = images.shape[1:3]
         in_w, in_h = self.input_size(width, height)
         x = images.permute(0, 3, 1, 2).float().div_(255)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        mean, std = self._normalisation(x.device)
+        x = (x - mean) / std
         x = x[:, :, : min(height, in_h), : min(width, in_w)]
         if in_w > width or in_h > height:
             x = F.pad(x, (0, in_w - width, 0, in_h - height), mode="replicate")

@@ -114,6 +114,32 @@ def test_sparse_accumulation_equals_sample_features_per_view():
         rows = view_index == v
         reference.index_add_(0, point_index[rows], sample_features(grids[v], uv[rows], stride=stride))
     torch.testing.assert_close(result, reference, atol=1e-5, rtol=1e-5)
+    # rows sorted by point: the CSR matrix gives the same sums (the fast path's form), with weights
+    order = torch.argsort(point_index * views + view_index, stable=True)
+    weight = (torch.rand(2000, generator=g) > 0.3).float()
+    for weights in (None, weight):
+        coo, csr = torch.zeros(n, 16), torch.zeros(n, 16)
+        accumulate(coo, grids, view_index, point_index, uv, stride=stride, weight=weights)
+        accumulate(csr, grids, view_index[order], point_index[order], uv[order], stride=stride,
+                   weight=None if weights is None else weights[order], point_sorted=True)
+        torch.testing.assert_close(csr, coo, atol=1e-6, rtol=1e-6)
+
+
+def test_point_major_candidates_are_the_same_rows_sorted_by_point():
+    """`project_candidates(point_major=True)` (what the CSR accumulation needs): the view-major rows,
+    each with the same uv and visibility, ordered by point then view."""
+    from tttkd.pipeline.project import project_candidates
+
+    rng = np.random.default_rng(3)
+    coord = rng.uniform(-2, 2, (3000, 3)) * [1, 1, 0.5]
+    views = random_views(rng, coord, 6)
+    points = torch.from_numpy(coord)
+    by_view = project_candidates(points, views, config=ProjectionConfig())
+    by_point = project_candidates(points, views, config=ProjectionConfig(), point_major=True)
+    order = torch.argsort(by_view.point_index * len(views) + by_view.view_index)
+    for a, b in zip(by_point, by_view):
+        assert torch.equal(a, b[order])
+    assert len(by_point.point_index) > 100 and by_point.visible.any() and not by_point.visible.all()
 
 
 def corrupt_one_image(root):
