@@ -29,7 +29,8 @@ import time
 import warnings
 import zlib
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from multiprocessing.shared_memory import SharedMemory
@@ -157,10 +158,12 @@ class _Run:
         # ViT-L scene is the cost): these threads wait for the copies to the host, then write here
         # or hand the arrays to a pool of writing processes (`process_pool`)
         self.write_processes = writers if isinstance(writers, Executor) else None
-        self.writer = ThreadPoolExecutor(4 if self.write_processes else writers)
+        threads = 4 if self.write_processes else writers
+        self.writer = ThreadPoolExecutor(threads)
         self.write = write
         self.timings = {"decode": 0.0, "batches": 0.0, "finish": 0.0, "drain": 0.0}
         self.writes: deque[tuple[_SceneWork, Future]] = deque()
+        self.max_pending = 2 * threads  # scenes handed to the writers and not yet written
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def add(self, work: _SceneWork, decoded: DecodedView) -> None:
@@ -217,18 +220,33 @@ class _Run:
             work.used += len(rows)
 
     def maybe_finish(self, work: _SceneWork) -> None:
-        """Once all of a scene's views are through: its seen points, mean features, and the write."""
+        """Once all of a scene's views are through: hand it to a writer thread, which finds its seen
+        points and mean features and writes them. Finding the seen points waits for the scene's last
+        batch on the GPU (a host sync); in a writer thread the main thread goes on feeding the GPU."""
         if work.remaining or work.finished:
             return
-        work.finished, start = True, work.start
-        scene_id = work.scene.scene_id
+        work.finished = True
         tick = time.perf_counter()
+        if work.failed or work.used == 0:
+            reason = work.failed or (f"SceneReadError: scene {work.scene.scene_id}: no usable views ({work.skipped}; "
+                                     f"first: {next(iter(work.view_errors.values()))})")
+            work.feature_sum = work.coord = work.view_count = None  # the device memory goes back now
+            self.writes.append((work, _done(SceneResult(work.scene.scene_id, "failed", reason=reason,
+                                                        views_skipped=work.skipped, view_errors=work.view_errors,
+                                                        seconds=time.perf_counter() - work.start))))
+            return
+        # each scene waiting for a writer holds its (N, D) accumulator on the GPU: at most `max_pending`
+        pending = [future for _, future in self.writes if not future.done()]
+        if len(pending) >= self.max_pending:
+            wait_for(pending, return_when=FIRST_COMPLETED)
+        self.writes.append((work, self.writer.submit(self._finish_and_write, work)))
+        self.timings["finish"] += time.perf_counter() - tick
+
+    def _finish_and_write(self, work: _SceneWork) -> SceneResult:
+        """In a writer thread: the scene's seen points in a seeded order, their mean features and view
+        counts, then `_write`."""
+        scene_id = work.scene.scene_id
         try:
-            if work.failed:
-                raise RuntimeError(work.failed)
-            if work.used == 0:
-                raise SceneReadError(f"scene {scene_id}: no usable views ({work.skipped}; first: "
-                                     f"{next(iter(work.view_errors.values()))})")
             seen = torch.nonzero(work.view_count).squeeze(1)
             if len(seen) == 0:
                 raise SceneReadError(f"scene {scene_id}: none of its {work.used} views sees any of its "
@@ -243,15 +261,11 @@ class _Run:
             if self.copy_stream is not None:  # the copies to the host wait for these on the side stream
                 self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         except (OSError, ValueError, RuntimeError) as e:
-            reason = str(e) if work.failed else f"{type(e).__name__}: {e}"
-            self.writes.append((work, _done(SceneResult(scene_id, "failed", reason=reason,
-                                                        views_skipped=work.skipped, view_errors=work.view_errors,
-                                                        seconds=time.perf_counter() - start))))
-            return
+            return SceneResult(scene_id, "failed", reason=f"{type(e).__name__}: {e}", views_skipped=work.skipped,
+                               view_errors=work.view_errors, seconds=time.perf_counter() - work.start)
         finally:
             work.feature_sum = work.coord = work.view_count = None  # the device memory goes back now
-        self.writes.append((work, self.writer.submit(self._write, work, arrays, start)))
-        self.timings["finish"] += time.perf_counter() - tick
+        return self._write(work, arrays, work.start)
 
     def _write(self, work: _SceneWork, arrays: dict[str, torch.Tensor], start: float) -> SceneResult:
         """In a writer thread: the scene's arrays to the host (on the side stream, so the GPU's

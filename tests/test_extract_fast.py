@@ -239,3 +239,41 @@ def test_writing_processes_leave_the_shared_memory_bookkeeping_to_its_creator(sy
     assert run.stdout.split() == ["done", "done"]
     assert "KeyError" not in run.stderr and "leaked shared_memory" not in run.stderr, run.stderr[-2000:]
     assert not [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("psm_")]
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("far", "scene0001_00: none of its 3 views sees any of its"),
+    ("inf", "scene0001_00: no usable views ({'invalid pose': 3}"),
+])
+def test_the_batched_path_fails_a_scene_no_view_sees_with_one_line(synth_root, tmp_path, fault, message):
+    """A scene's seen points are found in a writer thread: a scene none of whose views sees a point,
+    or with no usable view, fails there with the per-scene path's one-line reason; the others finish."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tttkd.pipeline import cache
+    from tttkd.pipeline.batched import extract_scenes
+    from tttkd.pipeline.extract import PrepConfig
+    from tttkd.pipeline.scannet import ScanNetReader
+    from tttkd.pipeline.teacher import load_teacher
+
+    root = Path(shutil.copytree(synth_root, tmp_path / "data"))
+    for path in (root / "scannet_frames_25k" / "scene0001_00" / "pose").glob("*.txt"):
+        pose = np.loadtxt(path)
+        if fault == "far":
+            pose[:3, 3] += 1000.0  # valid rigid poses, a kilometre away
+        else:
+            pose[:] = np.inf
+        np.savetxt(path, pose)
+    store = tmp_path / "c.zarr"
+    cache.open_for_writing(store, {"teacher": "efficientnet_lite0"})
+    config = PrepConfig(dataset="scannet", root=root, teacher="efficientnet_lite0", batch_size=4)
+    with ThreadPoolExecutor(2) as pool:
+        results = {r.scene_id: r for r in extract_scenes(
+            ScanNetReader(root), ["scene0000_00", "scene0001_00", "scene0002_00"],
+            teacher=load_teacher("efficientnet_lite0", device="cpu"), config=config, store=store, split="x",
+            pool=pool, writers=1)}
+    failed = results.pop("scene0001_00")
+    assert failed.status == "failed" and message in failed.reason and "\n" not in failed.reason
+    assert all(r.status == "done" for r in results.values())
+    assert sorted(FeatureCache(store).scene_ids()) == ["scene0000_00", "scene0002_00"]
