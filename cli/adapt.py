@@ -51,6 +51,8 @@ def adapt(
                                            "scenes of TTT-KD and the unadapted rows; online methods run in one")] = 1,
     tf32: Annotated[bool, typer.Option(help="TTT-KD's fp32 products on TF32 tensor cores (CUDA; about half the "
                                              "kernel time; check the adapted mIoU against a run without it)")] = False,
+    cuda_graph: Annotated[bool, typer.Option(help="replay TTT-KD's step as a CUDA graph (CUDA; same results, the "
+                                                   "step no longer bound by kernel launches)")] = True,
     device: DeviceOpt = None,
 ):
     """Adapt a trained model to each target scene, predict, and compare with the baselines."""
@@ -76,7 +78,8 @@ def adapt(
         given = {name for name in PRESETS[preset] if ctx.get_parameter_source(name).name != "DEFAULT"}
         steps, lr, rotations = (value if name in given else PRESETS[preset][name]
                                 for name, value in (("steps", steps), ("lr", lr), ("rotations", rotations)))
-    config = AdaptConfig(steps=steps, lr=lr, rotations=rotations, stride=stride, kd_points=kd_points, tf32=tf32)
+    config = AdaptConfig(steps=steps, lr=lr, rotations=rotations, stride=stride, kd_points=kd_points, tf32=tf32,
+                         cuda_graph=cuda_graph)
     try:
         for path in filter(None, (joint, source_only, oracle)):
             if not path.is_file():

@@ -219,7 +219,7 @@ print(*(r.status for r in results))
 def _shared_memory_room() -> bool:
     from tttkd.pipeline.batched import _shm_room
 
-    return _shm_room({})
+    return _shm_room(0)
 
 
 @pytest.mark.skipif(not _shared_memory_room(), reason="/dev/shm missing or under 1 GiB free: arrays go to the "
@@ -277,3 +277,30 @@ def test_the_batched_path_fails_a_scene_no_view_sees_with_one_line(synth_root, t
     assert failed.status == "failed" and message in failed.reason and "\n" not in failed.reason
     assert all(r.status == "done" for r in results.values())
     assert sorted(FeatureCache(store).scene_ids()) == ["scene0000_00", "scene0002_00"]
+
+
+@pytest.mark.skipif(not _shared_memory_room(), reason="/dev/shm missing or under 1 GiB free")
+def test_shared_blocks_are_reused_replaced_when_too_small_and_unlinked_at_close():
+    """A scene's block goes back to the pool after its write and carries a later scene that fits; a
+    larger scene replaces the largest free block instead of growing the pool; close unlinks them all."""
+    import os
+
+    from tttkd.pipeline.batched import SharedBlocks
+
+    blocks = SharedBlocks(pin=False)
+    first = blocks.take(1000)
+    blocks.bytes(first)[:4].copy_(torch.tensor([1, 2, 3, 4], dtype=torch.uint8))
+    blocks.give(first)
+    again = blocks.take(900)
+    assert again.name == first.name and blocks.bytes(again)[:4].tolist() == [1, 2, 3, 4]
+    other = blocks.take(500)  # the only block is in use: a second one
+    assert other.name != first.name
+    blocks.give(again)
+    blocks.give(other)
+    larger = blocks.take(10_000)
+    assert larger.size >= 10_000 and {first.name} & set(os.listdir("/dev/shm")) == set(), \
+        "the largest free block (the first) was released for the larger scene"
+    assert [b.name for b in blocks.free] == [other.name]
+    blocks.give(larger)
+    blocks.close()
+    assert {other.name, larger.name} & set(os.listdir("/dev/shm")) == set() and not blocks.free and not blocks.views

@@ -137,6 +137,8 @@ class SuiteConfig:
             record.pop(key)
         for key in NO_EFFECT_ON_THE_MODEL:
             record["train"].pop(key, None)
+        for key in NO_EFFECT_ON_ADAPTATION:
+            record["adapt"].pop(key, None)
         return json.loads(json.dumps(record))
 
     @property
@@ -176,6 +178,8 @@ def outdoor_suite() -> SuiteConfig:
 
 
 NO_EFFECT_ON_THE_MODEL = ("workers", "checkpoint_minutes", "ddp_batch_norm")
+# how TTT-KD's step runs, not what it computes (equal results: tests on CPU and in the GPU lane)
+NO_EFFECT_ON_ADAPTATION = ("reuse_pairs", "cuda_graph")
 """Training options that change no trained model of one process: left out of protocols, run folder
 names and the check of a reused checkpoint."""
 
@@ -218,6 +222,8 @@ def with_defaults(protocol) -> dict | None:
     protocol.setdefault("setting", "indoor")
     if isinstance(protocol.get("adapt"), dict):
         protocol["adapt"].setdefault("tf32", False)
+        for key in NO_EFFECT_ON_ADAPTATION:
+            protocol["adapt"].pop(key, None)
     return protocol
 
 
