@@ -152,7 +152,7 @@ class _Run:
     """The state of one `extract_scenes` call (see there)."""
 
     def __init__(self, teacher: Teacher, config: PrepConfig, store: Path, split: str | None, pool: Executor,
-                 writers: int | Executor, write: bool):
+                 writers: int | Executor, write: bool, blocks: SharedBlocks | None):
         self.teacher, self.config, self.store, self.split, self.pool = teacher, config, store, split, pool
         self.device = teacher.device
         self.buffers: dict[tuple, list] = {}  # image shape -> [(work, decoded)] waiting for a batch
@@ -167,7 +167,8 @@ class _Run:
         self.writes: deque[tuple[_SceneWork, Future]] = deque()
         self.max_pending = 2 * threads  # scenes handed to the writers and not yet written
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.blocks = SharedBlocks(pin=self.device.type == "cuda")
+        self.own_blocks = blocks is None  # else the caller's, kept across calls (a Dask worker's)
+        self.blocks = SharedBlocks(pin=self.device.type == "cuda") if blocks is None else blocks
 
     def add(self, work: _SceneWork, decoded: DecodedView) -> None:
         buffer = self.buffers.setdefault(decoded.image.shape, [])
@@ -449,7 +450,8 @@ def _load_scene(reader: DatasetReader, scene_id: str, config: PrepConfig):
 
 def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teacher, config: PrepConfig, store: Path,
                    split: str | None, pool: Executor, window: int | None = None, writers: int | Executor = 4,
-                   write: bool = True, timings: dict | None = None) -> Iterator[SceneResult]:
+                   write: bool = True, timings: dict | None = None,
+                   blocks: SharedBlocks | None = None) -> Iterator[SceneResult]:
     """Extract `scene_ids` into the store as one stream of teacher batches; yield each scene's result
     once it is written (or failed). The cache equals `extract_scene`'s scene by scene (same seen
     points, view counts and row order; features to float rounding).
@@ -460,13 +462,16 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
         writers: threads writing finished scenes, or an executor (`process_pool`) to write them in.
         write: False skips the zarr write (everything else runs): `tttkd bench extract --no-write`
             isolates what the write costs. Nothing is marked complete then.
+        blocks: shared-memory blocks to carry scenes to the writing processes, reused across calls
+            (a job's worker keeps one set: page-locking a new block costs more than its copy);
+            default: this call's own, unlinked when it ends.
         timings: if given, filled with seconds of this thread's wall time by what it waited on:
             "decode" (a decoded view), "batches" (teacher, projection, sampling; the GPU, as kernels
             are queued until a host sync), "finish" (seen points, mean, copies), "drain" (the
             writes still running after the last batch). The bench reports them.
     """
     window = window or 4 * config.batch_size
-    run = _Run(teacher, config, Path(store), split, pool, writers, write)
+    run = _Run(teacher, config, Path(store), split, pool, writers, write, blocks)
     loader = ThreadPoolExecutor(1)  # reads the next scene's points while this one's views decode
     loads = deque((s, loader.submit(_load_scene, reader, s, config)) for s in scene_ids[:2])
     upcoming = iter(scene_ids[2:])
@@ -512,7 +517,8 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
     finally:
         loader.shutdown(wait=False, cancel_futures=True)
         run.writer.shutdown(wait=True)
-        run.blocks.close()
+        if run.own_blocks:
+            run.blocks.close()
 
 
 def _start_scene(future: Future, scene_id: str, run: _Run) -> _SceneWork | None:

@@ -16,6 +16,7 @@ them. A killed worker then takes its group's scenes with it (retried once, as on
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from .teacher import TEACHERS, Teacher, feature_dim_of, file_sha256, load_teache
 
 _worker_teachers: dict[tuple, Teacher] = {}
 _worker_pools: dict[str, object] = {}
+_worker_blocks: dict[str, object] = {}  # device -> batched.SharedBlocks, for the worker's life
 
 
 def _teacher_on_worker(name: str, weights: Path | None, device: str, threads: int) -> Teacher:
@@ -76,7 +78,7 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
     its pool for good, so the worker's pools are dropped and the next group starts new ones."""
     from concurrent.futures import BrokenExecutor
 
-    from .batched import extract_scenes, process_pool
+    from .batched import SharedBlocks, extract_scenes, process_pool
 
     start = time.perf_counter()
     results: list[SceneResult] = []
@@ -87,9 +89,13 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
         teacher = _teacher_on_worker(config.teacher, weights, device, 1)
         if not _worker_pools:  # for the worker's life: starting processes costs seconds
             _worker_pools.update(decode=process_pool(decoders), write=process_pool(max(1, decoders // 2)))
+        if device not in _worker_blocks:  # page-locked once, then reused by every group of this worker
+            _worker_blocks[device] = blocks = SharedBlocks(pin=torch.device(device).type == "cuda")
+            atexit.register(blocks.close)
         reader = make_reader(config.dataset, config.root, config.reader_options)
         for result in extract_scenes(reader, scene_ids, teacher=teacher, config=config, store=store, split=split,
-                                     pool=_worker_pools["decode"], writers=_worker_pools["write"]):
+                                     pool=_worker_pools["decode"], writers=_worker_pools["write"],
+                                     blocks=_worker_blocks[device]):
             results.append(result)
         return results
     except Exception as e:  # a batch job records every failure and goes on with the other groups
@@ -219,9 +225,12 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
 
 
 def _groups(scene_ids: list[str], workers: int) -> list[list[str]]:
-    """Scenes in groups for the fast path: a few groups per worker, so workers finish together,
-    and at most 16 scenes a group, so a killed worker loses little; contiguous, to keep order."""
-    size = max(1, min(16, -(-len(scene_ids) // (4 * max(1, workers)))))
+    """Scenes in groups for the fast path: two groups per worker, so workers finish together; at
+    most 64 scenes a group, so a killed worker loses a bounded part; contiguous, to keep order. Each
+    group fills and drains the stream of batches once: on an H200 (2026-11-26) the job over 128
+    scenes in groups of 16 took 51 s for 2,048 images, start-up included, where `tttkd bench extract`
+    ran the same scenes as one stream at 171 images/s."""
+    size = max(1, min(64, -(-len(scene_ids) // (2 * max(1, workers)))))
     return [scene_ids[i: i + size] for i in range(0, len(scene_ids), size)]
 
 

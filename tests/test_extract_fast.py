@@ -304,3 +304,35 @@ def test_shared_blocks_are_reused_replaced_when_too_small_and_unlinked_at_close(
     blocks.give(larger)
     blocks.close()
     assert {other.name, larger.name} & set(os.listdir("/dev/shm")) == set() and not blocks.free and not blocks.views
+
+
+@pytest.mark.skipif(not _shared_memory_room(), reason="/dev/shm missing or under 1 GiB free")
+def test_a_workers_shared_blocks_carry_the_scenes_of_its_later_groups(synth_root, tmp_path):
+    """A job's worker passes its blocks to every group (extract_scenes call): the second group's scene
+    travels in the first group's block, is written whole, and the blocks outlive both calls."""
+    import os
+
+    from tttkd.pipeline import cache
+    from tttkd.pipeline.batched import SharedBlocks, extract_scenes, process_pool
+    from tttkd.pipeline.extract import PrepConfig
+    from tttkd.pipeline.scannet import ScanNetReader
+    from tttkd.pipeline.teacher import load_teacher
+
+    teacher = load_teacher("efficientnet_lite0", device="cpu")
+    config = PrepConfig(dataset="scannet", root=synth_root, teacher="efficientnet_lite0", batch_size=4)
+    blocks, names = SharedBlocks(pin=False), []
+    with process_pool(1) as pool, process_pool(1) as writers:
+        for group in ("first", "second"):  # the same scene into two stores: the same bytes, so the same block fits
+            store = tmp_path / f"{group}.zarr"
+            cache.open_for_writing(store, {"teacher": "efficientnet_lite0"})
+            results = list(extract_scenes(ScanNetReader(synth_root), ["scene0000_00"], teacher=teacher, config=config,
+                                          store=store, split="x", pool=pool, writers=writers, blocks=blocks))
+            assert [r.status for r in results] == ["done"], results[0].reason
+            names.append(sorted(blocks.views))
+    assert names[0] == names[1] and len(names[0]) == 1 and set(names[0]) <= set(os.listdir("/dev/shm"))
+    first, second = FeatureCache(tmp_path / "first.zarr").read("scene0000_00"), \
+        FeatureCache(tmp_path / "second.zarr").read("scene0000_00")
+    np.testing.assert_array_equal(first.seen_index, second.seen_index)
+    np.testing.assert_array_equal(first.feature, second.feature)
+    blocks.close()
+    assert not set(names[0]) & set(os.listdir("/dev/shm"))
