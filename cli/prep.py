@@ -86,7 +86,7 @@ def extract(
     max_views: Annotated[Optional[int], typer.Option(help="at most this many random views per scene")] = None,
     workers: Annotated[int, typer.Option(help="worker processes of the local Dask cluster")] = 1,
     scheduler: Annotated[Optional[str], typer.Option(help="address of an existing Dask scheduler to join")] = None,
-    gpus: Annotated[Optional[int], typer.Option(help="one worker per GPU of this machine (cuda:0..N-1), scenes spread over them")] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="workers on the GPUs of this machine (worker i on cuda:i mod N), scenes spread over them: one a GPU, or --workers if more")] = None,
     device: DeviceOpt = None,
     weights: WeightsOpt = None,
     image_scale: ScaleOpt = 0.25,

@@ -159,7 +159,8 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
         workers: worker processes of the local cluster (ignored with `scheduler`).
         scheduler: address of an existing Dask scheduler; its workers must see `config.root` and `out`.
         device: "cuda", "cpu", ...; default: CUDA when available.
-        gpus: one local worker per GPU (cuda:0 .. cuda:N-1), instead of `workers`.
+        gpus: local workers on the GPUs of this machine, worker i on cuda:(i mod gpus): one per GPU,
+            or `workers` of them if more.
         batched: the fast path (groups of scenes per task, teacher batches across scenes);
             default: on CUDA.
         progress: show a progress bar of scenes and images.
@@ -171,7 +172,9 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
     if gpus:
         if not device.startswith("cuda") or gpus > torch.cuda.device_count():
             raise ValueError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        workers, device = gpus, "cuda"
+        # --workers above --gpus: worker i on cuda:(i mod N), so each GPU is fed by several processes
+        # (the fast path's host work runs under one interpreter lock per process)
+        workers, device = max(workers, gpus), "cuda"
     batched = device.startswith("cuda") if batched is None else batched
     reader = make_reader(config.dataset, config.root, config.reader_options)
     if scene_ids is None:

@@ -348,3 +348,19 @@ def test_a_group_failing_midway_keeps_its_written_scenes_and_drops_broken_pools(
     again = job._scenes_task(["scene0003_00", "scene0004_00"], **task)
     assert [r.status for r in again] == ["done", "done"]
     assert len(made) == (4 if error == "BrokenProcessPool" else 2)
+
+
+def test_workers_beyond_the_gpus_are_spread_round_robin(monkeypatch):
+    """`--gpus 2 --workers 4`: workers 0..3 on cuda:0, cuda:1, cuda:0, cuda:1 (two processes feed each
+    GPU); without --gpus, a worker keeps the given device."""
+    import dask.distributed
+    from types import SimpleNamespace
+
+    from tttkd.pipeline import job
+
+    seen = []
+    for name in range(4):
+        monkeypatch.setattr(dask.distributed, "get_worker", lambda name=name: SimpleNamespace(name=name))
+        seen.append(job._worker_device("cuda", 2))
+    assert seen == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert job._worker_device("cuda:1", None) == "cuda:1"
