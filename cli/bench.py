@@ -228,7 +228,8 @@ def ttt(
     protocol_rotations: Annotated[int, typer.Option(
         help="rotations of the offline protocol (100 steps each) to time per size and path, scaled to 8; 0: skip")] = 1,
     tf32: Annotated[bool, typer.Option(help="also time the fast path on TF32 tensor cores (CUDA)")] = False,
-    graph: Annotated[bool, typer.Option(help="also time the fast path replayed as a CUDA graph (CUDA)")] = False,
+    graph: Annotated[Optional[bool], typer.Option(
+        help="also time the fast path replayed as a CUDA graph, what `tttkd adapt` runs on CUDA (default: on CUDA)")] = None,
     profile: Annotated[int, typer.Option(
         help="profile this many more steps per path: GPU kernel ms and CUDA runtime calls (malloc, free, "
              "syncs, copies, launches) per step; 0: skip")] = 0,
@@ -237,13 +238,15 @@ def ttt(
 ):
     """ms per TTT step, peak GPU memory and seconds per scene of the offline protocol at three scene
     sizes: the reference path (index pairs rebuilt every step) beside the fast one (pairs built once
-    per rotation, nothing read back inside the step loop)."""
+    per rotation, nothing read back inside the step loop) and, on CUDA, the fast one as a CUDA graph."""
 
     from tttkd.bench import bench_ttt
     from tttkd.pipeline.job import default_device
 
+    device = device or default_device()
+    graph = device.startswith("cuda") if graph is None else graph
     rows = bench_ttt(tuple(int(s) for s in sizes.split(",")), model=model, steps=steps, kd_points=kd_points,
-                     device=device or default_device(), protocol_rotations=protocol_rotations, tf32=tf32, graph=graph,
+                     device=device, protocol_rotations=protocol_rotations, tf32=tf32, graph=graph,
                      profile_steps=profile)
     extra = [path for path, on in (("tf32", tf32), ("graph", graph)) if on]
     table = Table(title=f"tttkd bench ttt: {model} on {rows[0]['device']}, {kd_points} KD points")

@@ -108,8 +108,9 @@ def _slab_scene(size: int, *, kd_dim: int, voxel_size_m: float, device):
 
 PATHS = {"reference": dict(reuse_pairs=False, cuda_graph=False), "fast": dict(reuse_pairs=True, cuda_graph=False)}
 """The reference path rebuilds spconv's index pairs at every forward (what TTT did before issue 9);
-the fast path builds them once per rotation and reads nothing back inside the step loop (CUDA
-graphs off by default, see AdaptConfig.cuda_graph; `graph=True` times them as a third path)."""
+the fast path builds them once per rotation and reads nothing back inside the step loop, eagerly;
+`graph=True` times it as a CUDA graph too, a third path: what `tttkd adapt` runs on CUDA
+(AdaptConfig.cuda_graph)."""
 
 
 def _profile_steps(step, count: int, device: torch.device) -> tuple[float | None, dict[str, float]]:
