@@ -278,7 +278,7 @@ class _Run:
         block = None
         try:
             layout, nbytes = _layout(arrays)
-            if self.write and self.write_processes is not None:
+            if self.write_processes is not None:  # with --no-write too: it must differ only by the write
                 block = self.blocks.take(nbytes)  # None: /dev/shm is too small, the arrays go through a pipe
             host = {}
             with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():

@@ -336,3 +336,27 @@ def test_a_workers_shared_blocks_carry_the_scenes_of_its_later_groups(synth_root
     np.testing.assert_array_equal(first.feature, second.feature)
     blocks.close()
     assert not set(names[0]) & set(os.listdir("/dev/shm"))
+
+
+@pytest.mark.skipif(not _shared_memory_room(), reason="/dev/shm missing or under 1 GiB free")
+def test_no_write_differs_from_a_run_only_by_the_write(synth_root, tmp_path):
+    """`bench extract --no-write` isolates what the zarr write costs: the scene still goes through a
+    shared block (the copy out of the device is the same), and nothing is written or marked complete."""
+    from tttkd.pipeline import cache
+    from tttkd.pipeline.batched import SharedBlocks, extract_scenes, process_pool
+    from tttkd.pipeline.extract import PrepConfig
+    from tttkd.pipeline.scannet import ScanNetReader
+    from tttkd.pipeline.teacher import load_teacher
+
+    store = tmp_path / "c.zarr"
+    cache.open_for_writing(store, {"teacher": "efficientnet_lite0"})
+    config = PrepConfig(dataset="scannet", root=synth_root, teacher="efficientnet_lite0", batch_size=4)
+    blocks = SharedBlocks(pin=False)
+    with process_pool(1) as pool, process_pool(1) as writers:
+        results = list(extract_scenes(ScanNetReader(synth_root), ["scene0000_00"], teacher=load_teacher(
+            "efficientnet_lite0", device="cpu"), config=config, store=store, split="x", pool=pool, writers=writers,
+            write=False, blocks=blocks))
+    assert [r.status for r in results] == ["done"] and results[0].num_seen > 0
+    assert len(blocks.views) == 1, "the scene did not travel through a shared block"
+    blocks.close()
+    assert cache.complete_scene_ids(store) == set() and not (store / "scenes" / "scene0000_00").exists()
