@@ -161,7 +161,10 @@ class _Run:
         # or hand the arrays to a pool of writing processes (`process_pool`)
         self.write_processes = writers if isinstance(writers, Executor) else None
         threads = 4 if self.write_processes else writers
-        self.writer = ThreadPoolExecutor(threads)
+        # the writer threads work on this run's GPU: a thread starts on the process's default device,
+        # where CUDA calls without a tensor (cudaHostRegister) would open a context on another GPU
+        on_device = (lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None
+        self.writer = ThreadPoolExecutor(threads, initializer=on_device)
         self.write = write
         self.timings = {"decode": 0.0, "batches": 0.0, "finish": 0.0, "drain": 0.0}
         self.writes: deque[tuple[_SceneWork, Future]] = deque()
@@ -400,7 +403,8 @@ class SharedBlocks:
 
 def _page_lock(view: torch.Tensor) -> bool:
     """cudaHostRegister: CUDA copies into this host memory by DMA. False (with a warning) if it cannot."""
-    error = torch.cuda.cudart().cudaHostRegister(view.data_ptr(), view.numel(), 0)
+    portable = 1  # cudaHostRegisterPortable: page-locked for every CUDA context of the process
+    error = torch.cuda.cudart().cudaHostRegister(view.data_ptr(), view.numel(), portable)
     if int(error) == 0:
         return True
     warnings.warn(f"could not page-lock a {view.numel() >> 20} MiB shared-memory block for CUDA copies "
