@@ -47,11 +47,11 @@ from . import cache
 from .extract import (OUT_OF_MEMORY, DecodedView, PrepConfig, SceneResult, SkippedView, check_scene, decode_view,
                       select_views)
 from .project import to_device, project_candidates
+from .scene import DatasetReader, Scene, SceneReadError, View
+from .teacher import Teacher
 
 # accumulate's CSR matrix: one warning per process that the format is "beta" says nothing to a user
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-from .scene import DatasetReader, Scene, SceneReadError, View
-from .teacher import Teacher
 
 
 def accumulate(feature_sum: torch.Tensor, grids: torch.Tensor, view_index: torch.Tensor, point_index: torch.Tensor,
@@ -287,8 +287,7 @@ class _Run:
             with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
                 for name, tensor in arrays.items():
                     if block is not None:  # straight into shared memory: the writing process reads it without a copy
-                        offset, shape, dtype = layout[name]
-                        size = tensor.numel() * tensor.element_size()
+                        offset, size = layout[name][0], tensor.numel() * tensor.element_size()
                         self.blocks.bytes(block)[offset: offset + size].view(tensor.dtype).copy_(tensor.flatten())
                     else:
                         host[name] = tensor.cpu().numpy()

@@ -178,10 +178,11 @@ def outdoor_suite() -> SuiteConfig:
 
 
 NO_EFFECT_ON_THE_MODEL = ("workers", "checkpoint_minutes", "ddp_batch_norm")
-# how TTT-KD's step runs, not what it computes (equal results: tests on CPU and in the GPU lane)
-NO_EFFECT_ON_ADAPTATION = ("reuse_pairs", "cuda_graph")
 """Training options that change no trained model of one process: left out of protocols, run folder
 names and the check of a reused checkpoint."""
+NO_EFFECT_ON_ADAPTATION = ("reuse_pairs", "cuda_graph")
+"""How TTT-KD's step runs, not what it computes (equal results: tests on CPU and in the GPU lane):
+left out of protocols."""
 
 SUITES = {"cpu": cpu_suite, "gpu": gpu_suite, "outdoor": outdoor_suite}
 
