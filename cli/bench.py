@@ -295,6 +295,9 @@ def accuracy(
     max_minutes: Annotated[Optional[float], typer.Option(help="suite: stop cleanly before this many minutes")] = None,
     jobs: Annotated[int, typer.Option(help="suite: processes on the device sharing the scenes of an offline TTT-KD "
                                            "cell (a GPU runs 2-4 at once; results do not change)")] = 1,
+    scene_gpus: Annotated[Optional[str], typer.Option(help="suite: GPUs (CUDA_VISIBLE_DEVICES ids, comma-separated) "
+                                                           "whose processes, --jobs on each, share the scenes of an "
+                                                           "offline TTT-KD cell (results do not change)")] = None,
     tf32: Annotated[bool, typer.Option(help="suite: TTT-KD on TF32 tensor cores (CUDA), cells of their own protocol: "
                                             "compare with the fp32 cells of another --out")] = False,
 ):
@@ -310,7 +313,7 @@ def accuracy(
     if suite is not None:
         _accuracy_suite(suite, out=out, families=families, seeds=seeds, rows=rows, teacher=teacher,
                         max_views=max_views, workers=workers, work=work, max_minutes=max_minutes, jobs=jobs,
-                        tf32=tf32, device=device or default_device())
+                        scene_gpus=scene_gpus, tf32=tf32, device=device or default_device())
         return
 
     config = ShiftConfig(scenes=scenes, workers=workers)
@@ -330,7 +333,7 @@ def accuracy(
 
 def _accuracy_suite(name: str, *, out: Path, families: str | None, seeds: str | None, rows: str | None, teacher: str,
                     max_views: int | None, workers: int, work: Path | None, max_minutes: float | None, jobs: int,
-                    tf32: bool, device: str) -> None:
+                    scene_gpus: str | None, tf32: bool, device: str) -> None:
     from dataclasses import replace
 
     from tttkd.suite import SUITES, run_suite
@@ -344,10 +347,13 @@ def _accuracy_suite(name: str, *, out: Path, families: str | None, seeds: str | 
         fail(f"--seeds {seeds!r}: give integers, comma-separated")
     if jobs < 1:
         fail(f"--jobs {jobs}: give at least 1")
+    gpus = tuple(g.strip() for g in scene_gpus.split(",") if g.strip()) if scene_gpus else ()
+    if gpus and not device.startswith("cuda"):
+        fail(f"--scene-gpus {scene_gpus}: takes GPUs, and the device is {device}")
     config = replace(config, families=tuple(f.strip() for f in families.split(",") if f.strip()) if families
                      else config.families, seeds=seed_list,
                      rows=tuple(r.strip() for r in rows.split(",")) if rows else config.rows, teacher=teacher,
-                     max_views=max_views, workers=max(workers, config.workers), jobs=jobs,  # gpu presets: >= 8 workers
+                     max_views=max_views, workers=max(workers, config.workers), jobs=jobs, scene_gpus=gpus,  # gpu presets: >= 8 workers
                      adapt=replace(config.adapt, tf32=tf32))
     try:
         run = run_suite(config, out, work=work, device=device, max_minutes=max_minutes,

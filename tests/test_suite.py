@@ -1,6 +1,7 @@
 """The shift-family suite runner: cells per (family, seed, row), resume, the mean ± std table, the demo table."""
 
 import json
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -127,6 +128,22 @@ def test_processes_sharing_a_cells_scenes_give_the_cell_one_process_gives(split_
             assert two[key] == one[key], (row, key)
     # jobs is how the work is shared, not what it computes: the same protocol, so cells mix
     assert replace(config, jobs=4).protocol() == config.protocol()
+    assert replace(config, scene_gpus=("0", "1")).protocol() == config.protocol()
+
+
+def test_scenes_spread_over_gpus_run_each_in_a_process_that_sees_only_its_gpu(split_cache, joint_checkpoint,
+                                                                              tmp_path, monkeypatch):
+    # on CPU the scene still runs on the CPU; what is checked is the process each scene ran in
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    config = tiny(seeds=(0,), rows=("TTT-KD",))
+    run(config, tmp_path / "one", split_cache, joint_checkpoint)
+    assert run(replace(config, scene_gpus=("5", "7")), tmp_path / "gpus", split_cache, joint_checkpoint).done == 1
+    cell = cell_path(tmp_path / "gpus", 0, "sensor", "TTT-KD")
+    visible = {json.loads(p.read_text())["cuda_visible_devices"] for p in cell.with_suffix("").glob("*.json")}
+    assert visible == {"5", "7"}  # the two scenes, one on each GPU's process
+    assert json.loads(cell.read_text())["result"]["confusion_by_step"] == json.loads(
+        cell_path(tmp_path / "one", 0, "sensor", "TTT-KD").read_text())["result"]["confusion_by_step"]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # this process's own GPU is left as it was
 
 
 def test_cells_name_the_trained_instance_they_used_and_the_table_says_when_a_seed_mixes_two(
@@ -362,3 +379,15 @@ def test_processes_sharing_a_work_folder_generate_extract_and_train_each_thing_o
     assert digests["lidar"] == digests["none"]
     # whichever process wrote the table last, it holds both families
     assert "| row | lidar | none (in-distribution) |" in (out / "results.md").read_text()
+
+
+def test_scene_gpus_on_a_cpu_device_is_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from tttkd.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "accuracy", "--suite", "cpu", "--scene-gpus", "0,1", "--device", "cpu",
+                                      "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0
+    assert "--scene-gpus 0,1: takes GPUs, and the device is cpu" in result.output
+    assert not (tmp_path / "x").exists()  # refused before any work

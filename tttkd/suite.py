@@ -129,11 +129,15 @@ class SuiteConfig:
     """indoor (the shift families of `synth`) or outdoor (the streets of `streets`, two LiDARs)."""
     jobs: int = 1
     """Processes on the one device that share the scenes of an offline TTT-KD cell (no effect on results)."""
+    scene_gpus: tuple[str, ...] = ()
+    """GPUs (CUDA_VISIBLE_DEVICES ids) whose processes, `jobs` on each, share the scenes of an offline
+    TTT-KD cell: suites of several families on one machine then balance their longest work over every
+    GPU (no effect on results). Empty: this process's device."""
 
     def protocol(self) -> dict:
         """What a cell's number depends on: cells of another protocol are never mixed in."""
         record = asdict(self)
-        for key in ("name", "families", "seeds", "rows", "workers", "jobs"):
+        for key in ("name", "families", "seeds", "rows", "workers", "jobs", "scene_gpus"):
             record.pop(key)
         for key in NO_EFFECT_ON_THE_MODEL:
             record["train"].pop(key, None)
@@ -577,7 +581,8 @@ def _run_cell(space, config: SuiteConfig, seed: int, family: str, row: str, path
     if method in PER_SCENE:
         task = dict(row=row, method=method, checkpoint=checkpoint, cache=cache, config=adapt, device=space.device,
                     classes=classes, protocol=protocol)
-        parts = _per_scene(task, path, scene_ids, jobs=config.jobs, clock=clock, label=label, log=log)
+        parts = _per_scene(task, path, scene_ids, jobs=config.jobs, gpus=config.scene_gpus, clock=clock, label=label,
+                           log=log)
         result = combine([MethodResult(**parts[s]["result"]) for s in scene_ids])
         # the scenes may come from several calls: every model instance they used
         digests = sorted({parts[s].get("model_sha256") or "unrecorded" for s in scene_ids})
@@ -609,6 +614,7 @@ def _scene_part(task: dict, scene_id: str, part: Path) -> float:
     result = run_method(task["row"], task["method"], task["checkpoint"], task["cache"], [scene_id],
                         config=task["config"], device=task["device"], classes=task["classes"])
     write_json_atomic(part, {"protocol": task["protocol"], "model_sha256": model_digest(task["checkpoint"]),
+                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                              "result": asdict(result)})
     return time.monotonic() - began
 
@@ -620,10 +626,28 @@ def _quiet_worker(threads: int) -> None:
         torch.set_num_threads(threads)  # N workers with every core each would only contend
 
 
+@contextmanager
+def visible_gpus(ids: str | None):
+    """CUDA_VISIBLE_DEVICES=ids for the processes started in the block (None: unchanged). A child
+    reads it when its CUDA starts, so it must be in the environment it starts with."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if ids is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids
+    try:
+        yield
+    finally:
+        if ids is not None:
+            if before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 def _per_scene(task: dict, path: Path, scene_ids: list[str], *, jobs: int, clock: Clock, label: str,
-               log) -> dict[str, dict]:
+               log, gpus: tuple[str, ...] = ()) -> dict[str, dict]:
     """Every scene's part record of an offline cell (saved ones are read back), computed by `jobs`
-    processes; stops (OutOfTime) before starting a scene that would end past the clock's deadline."""
+    processes (on each of `gpus`, when given); stops (OutOfTime) before starting a scene that would
+    end past the clock's deadline."""
     parts = {}
     todo = []
     for scene_id in scene_ids:
@@ -640,7 +664,7 @@ def _per_scene(task: dict, path: Path, scene_ids: list[str], *, jobs: int, clock
         parts[scene_id] = read_cell(path.with_suffix("") / f"{scene_id}.json", task["protocol"])
         log(f"{label}: scene {len(parts)}/{count} ({scene_id}, {seconds:.0f} s)")
 
-    if jobs <= 1 or len(todo) <= 1:
+    if (jobs <= 1 and not gpus) or not todo:
         for scene_id in todo:
             if not clock.fits(method):
                 raise OutOfTime(f"{label}, {len(parts)}/{count} scenes done")
@@ -648,22 +672,37 @@ def _per_scene(task: dict, path: Path, scene_ids: list[str], *, jobs: int, clock
         return parts
     from concurrent.futures import FIRST_COMPLETED, wait
 
-    threads = max(1, (os.cpu_count() or 2) // jobs)
-    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"), initializer=_quiet_worker,
-                             initargs=(threads,)) as pool:
-        running, queue, stopped = {}, list(todo), False
+    # one process per slot, each on its GPU for its life; round robin, so the first scenes go to distinct GPUs
+    slots = [gpu for _ in range(jobs) for gpu in (gpus or (None,))][:len(todo)]
+    if gpus and task["device"].startswith("cuda"):
+        task = dict(task, device="cuda")  # the one GPU the slot's process sees
+    threads = max(1, (os.cpu_count() or 2) // len(slots))
+    pools: dict[int, ProcessPoolExecutor] = {}
+    running, queue, stopped = {}, list(todo), False
+    try:
         while queue or running:
-            while queue and len(running) < jobs and not stopped:
+            for slot, gpu in enumerate(slots):
+                if not queue or stopped or any(busy == slot for busy, _ in running.values()):
+                    continue
                 if not clock.fits(method):
                     stopped = True
                     break
                 scene_id = queue.pop(0)
-                running[pool.submit(_scene_part, task, scene_id, path.with_suffix("") / f"{scene_id}.json")] = scene_id
+                with visible_gpus(gpu):  # a pool starts its process on the first submit
+                    if slot not in pools:
+                        pools[slot] = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_quiet_worker,
+                                                          initargs=(threads,))
+                    future = pools[slot].submit(_scene_part, task, scene_id, path.with_suffix("") / f"{scene_id}.json")
+                running[future] = (slot, scene_id)
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                finished(running.pop(future), future.result())
+                _, scene_id = running.pop(future)
+                finished(scene_id, future.result())
+    finally:
+        for pool in pools.values():
+            pool.shutdown(cancel_futures=True)
     if len(parts) < count:
         raise OutOfTime(f"{label}, {len(parts)}/{count} scenes done")
     return parts
