@@ -148,6 +148,16 @@ def process_pool(workers: int) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=context)
 
 
+def thread_on(device: torch.device):
+    """A thread initializer that puts the thread on `device` (None off CUDA). A thread starts on the
+    process's default device, where CUDA calls without a tensor (cudaHostRegister) would open a
+    context on another GPU. "cuda" without an index is this thread's current device, resolved here."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return lambda: torch.cuda.set_device(index)
+
+
 class _Run:
     """The state of one `extract_scenes` call (see there)."""
 
@@ -161,10 +171,7 @@ class _Run:
         # or hand the arrays to a pool of writing processes (`process_pool`)
         self.write_processes = writers if isinstance(writers, Executor) else None
         threads = 4 if self.write_processes else writers
-        # the writer threads work on this run's GPU: a thread starts on the process's default device,
-        # where CUDA calls without a tensor (cudaHostRegister) would open a context on another GPU
-        on_device = (lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None
-        self.writer = ThreadPoolExecutor(threads, initializer=on_device)
+        self.writer = ThreadPoolExecutor(threads, initializer=thread_on(self.device))
         self.write = write
         self.timings = {"decode": 0.0, "batches": 0.0, "finish": 0.0, "drain": 0.0}
         self.writes: deque[tuple[_SceneWork, Future]] = deque()

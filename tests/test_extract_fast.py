@@ -360,3 +360,16 @@ def test_no_write_differs_from_a_run_only_by_the_write(synth_root, tmp_path):
     assert len(blocks.views) == 1, "the scene did not travel through a shared block"
     blocks.close()
     assert cache.complete_scene_ids(store) == set() and not (store / "scenes" / "scene0000_00").exists()
+
+
+def test_writer_threads_go_to_the_runs_gpu_also_when_it_is_named_without_an_index(monkeypatch):
+    # "cuda" alone is the current device: set_device needs its index (it refuses a bare "cuda")
+    from tttkd.pipeline.batched import thread_on
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(device))
+    assert thread_on(torch.device("cpu")) is None
+    thread_on(torch.device("cuda"))()
+    thread_on(torch.device("cuda:1"))()
+    assert calls == [2, 1]
