@@ -391,3 +391,13 @@ def test_scene_gpus_on_a_cpu_device_is_a_one_line_error(tmp_path):
     assert result.exit_code != 0
     assert "--scene-gpus 0,1: takes GPUs, and the device is cpu" in result.output
     assert not (tmp_path / "x").exists()  # refused before any work
+
+
+def test_the_table_gives_a_single_seeds_value_without_a_spread_and_marks_missing_seeds():
+    from tttkd.suite import markdown_summary
+
+    table = {"TTT-KD": {"sensor": {"mean": 80.31, "std": 1.5, "n": 2}, "all": {"mean": 17.4, "std": 0.0, "n": 1}}}
+    text = markdown_summary(table, ["sensor", "all"], title="t", seeds=2)
+    assert "| TTT-KD | 80.3 ± 1.5 | 17.4 (n=1) |" in text
+    one = markdown_summary({"TTT-KD": {"all": {"mean": 17.4, "std": 0.0, "n": 1}}}, ["all"], title="t", seeds=1)
+    assert "| TTT-KD | 17.4 |" in one

@@ -75,7 +75,8 @@ def markdown(table: dict) -> str:
             entries = by_family.get(family, [])
             if not any(entries):
                 continue
-            text = ["-" if e is None else f"{e['mean']:.1f} ± {e['std']:.1f} (n={e['n']})" for e in entries]
+            text = ["-" if e is None else f"{e['mean']:.1f}" + (f" ± {e['std']:.1f}" if e["n"] > 1 else "") + f" (n={e['n']})"
+                    for e in entries]
             lines.append(f"| {row} | " + " | ".join(text) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -785,7 +785,8 @@ def markdown_summary(table: dict, families: list[str], *, title: str, seeds: int
             if entry is None:
                 cells.append("-")
                 continue
-            text = f"{entry['mean']:.1f} ± {entry['std']:.1f}"
+            # one seed has no spread: its value alone, not "± 0.0"
+            text = f"{entry['mean']:.1f}" + (f" ± {entry['std']:.1f}" if entry["n"] > 1 else "")
             cells.append(text if entry["n"] == seeds else f"{text} (n={entry['n']})")
         if paper:
             cells.append(f"{paper[row]:.1f}" if row in paper else "-")
