@@ -124,8 +124,8 @@ def codecs(
     dims: Annotated[str, typer.Option(help="pca-int8 dimensions K, comma-separated")] = "64,128,256,384",
     out: Annotated[Path, typer.Option(help="JSON result")] = Path("bench-codecs.json"),
 ):
-    """Bytes per seen point and fidelity (cosine to fp16) of the int8 and pca-int8 codecs on a
-    store, pca-int8 also with a basis fitted without the scene it encodes."""
+    """Bytes per seen point, write time per scene and fidelity (cosine to fp16) of the int8 and
+    pca-int8 codecs on a store, pca-int8 also with a basis fitted without the scene it encodes."""
     from tttkd.pipeline.bench import bench_codecs
 
     try:
@@ -137,14 +137,16 @@ def codecs(
             result = bench_codecs(cache, dims=k, work=Path(tmp))
         except (OSError, ValueError) as e:
             fail(str(e))
-    stats = lambda c: "-" if c is None else f"{c['mean']:.4f} / {c['p1']:.4f}"
+    stats = lambda c: "-" if c is None else f"{c['mean']:.4f}/{c['p1']:.4f}"
     table = Table(title=f"tttkd bench codecs: {result['teacher']} (D = {result['feature_dim']}), "
-                        f"{result['scenes']} scenes, {result['seen_points']} seen points")
-    for column in ("codec", "bytes / seen point", "cosine to fp16: mean / 1st pct", "basis of the other scenes"):
+                        f"{result['scenes']} scenes, {result['seen_points']} seen points",
+                  caption="B/pt: bytes per seen point, all arrays; write s: one scene's write in this process; "
+                          "cosine to fp16: mean/1st percentile, also with a basis fitted on the other scenes")
+    for column in ("codec", "B/pt", "write s", "cosine", "other scenes' basis"):
         table.add_column(column, justify="left" if column == "codec" else "right")
     for r in result["rows"]:
-        table.add_row(r["codec"] + (f" K = {r['dims']}" if r["dims"] else ""), f"{r['bytes_per_seen_point']:.0f}",
-                      stats(r.get("cosine")), stats(r.get("cosine_held_out")))
+        table.add_row(r["codec"] + (f" K={r['dims']}" if r["dims"] else ""), f"{r['bytes_per_seen_point']:.0f}",
+                      f"{r['write_s_per_scene']:.3f}", stats(r.get("cosine")), stats(r.get("cosine_held_out")))
     console.print(table)
     out.write_text(json.dumps(result, indent=1))
     console.print(f"wrote {out}")

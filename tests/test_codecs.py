@@ -62,3 +62,42 @@ def test_extraction_writes_the_codec_it_is_asked_for(synth_root, tmp_path):
     assert cache.provenance["feature_codec"] == "int8"
     raw = zarr.open_array(tmp_path / "s.zarr" / "scenes" / "scene0000_00" / "feature", mode="r")
     assert raw.metadata.to_dict()["codecs"][0]["configuration"]["astype"] == "|i1"
+
+
+def test_the_int8_writer_stores_what_numcodecs_would_and_clips_instead_of_wrapping(tmp_path):
+    # our encoder computes in float32 (numcodecs' own in emulated float16): same metadata, same decoding
+    import warnings
+
+    from tttkd.pipeline.cache import feature_filters
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from zarr.codecs.numcodecs import FixedScaleOffset
+        numcodecs_filter = FixedScaleOffset(offset=0, scale=127, dtype="<f2", astype="|i1")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[0, :4] = [1.004, -1.004, 1.0, -1.0]  # a float16 mean of unit vectors can pass 1
+    x = x.astype(np.float16)
+    stored = {}
+    for name, filters in (("ours", feature_filters("int8")), ("numcodecs", [numcodecs_filter])):
+        array = zarr.create_array(tmp_path / f"{name}.zarr", shape=x.shape, dtype=np.float16, chunks=(1000, 64),
+                                  filters=filters, compressors=None)
+        array[...] = x
+        # the stored bytes, as a reader without numcodecs sees them
+        stored[name] = np.concatenate([np.fromfile(tmp_path / f"{name}.zarr" / "c" / str(i) / "0", dtype=np.int8)
+                                       .reshape(1000, 64) for i in range(4)])
+    metadata = {name: zarr.open_array(tmp_path / f"{name}.zarr", mode="r").metadata.to_dict() for name in stored}
+    assert metadata["ours"] == metadata["numcodecs"]
+    assert metadata["ours"]["codecs"][0]["name"] == "numcodecs.fixedscaleoffset"
+    ours, theirs = stored["ours"], stored["numcodecs"]
+    assert ours[0, :4].tolist() == [127, -127, 127, -127]
+    assert theirs[0, :2].tolist() == [-128, -128]  # 1.004 x 127 rounds to 128, which wraps around to -128
+    rest = np.ones(x.shape, bool)
+    rest[0, :2] = False
+    # ours is round(127 x) of the float16 value exactly; numcodecs' float16 product is off by one at times
+    assert np.array_equal(ours, np.rint(np.clip(x.astype(np.float32) * 127, -127, 127)).astype(np.int8))
+    assert np.abs(ours[rest].astype(int) - theirs[rest]).max() <= 1 and (ours[rest] != theirs[rest]).mean() < 1e-2
+    # a plain zarr reader decodes q / 127 (to float16)
+    read = zarr.open_array(tmp_path / "ours.zarr", mode="r")[...]
+    assert read.dtype == np.float16 and np.array_equal(read, (ours / 127).astype(np.float16))

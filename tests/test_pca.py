@@ -249,9 +249,10 @@ def test_bench_codecs_reports_size_and_fidelity_of_each_codec(synth_cache, tmp_p
     rows = {(r["codec"], r["dims"]): r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == [("fp16", None), ("int8", None), ("pca-int8", 16), ("pca-int8", 64)]
     size = {key: r["bytes_per_seen_point"] for key, r in rows.items()}
+    assert all(r["write_s_per_scene"] > 0 for r in rows.values())
     assert size[("fp16", None)] > size[("int8", None)] > size[("pca-int8", 64)] > size[("pca-int8", 16)]
     assert rows[("int8", None)]["cosine"]["mean"] > 0.995
     assert rows[("pca-int8", 16)]["cosine"]["mean"] < rows[("pca-int8", 64)]["cosine"]["mean"]
     for k in (16, 64):
         assert rows[("pca-int8", k)]["cosine_held_out"]["mean"] <= rows[("pca-int8", k)]["cosine"]["mean"] + 1e-3
-    assert "pca-int8 K = 64" in result.output
+    assert "pca-int8 K=64" in result.output
