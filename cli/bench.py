@@ -300,6 +300,9 @@ def accuracy(
     scene_gpus: Annotated[Optional[str], typer.Option(help="suite: GPUs (CUDA_VISIBLE_DEVICES ids, comma-separated) "
                                                            "whose processes, --jobs on each, share the scenes of an "
                                                            "offline TTT-KD cell (results do not change)")] = None,
+    input_features: Annotated[Optional[str], typer.Option(help="suite: the 3D network's point inputs, color_normal or "
+                                                                "xyz (default: the preset's), cells of their own "
+                                                                "protocol: does a shift act through the colours?")] = None,
     tf32: Annotated[bool, typer.Option(help="suite: TTT-KD on TF32 tensor cores (CUDA), cells of their own protocol: "
                                             "compare with the fp32 cells of another --out")] = False,
 ):
@@ -315,7 +318,8 @@ def accuracy(
     if suite is not None:
         _accuracy_suite(suite, out=out, families=families, seeds=seeds, rows=rows, teacher=teacher,
                         max_views=max_views, workers=workers, work=work, max_minutes=max_minutes, jobs=jobs,
-                        scene_gpus=scene_gpus, tf32=tf32, device=device or default_device())
+                        scene_gpus=scene_gpus, input_features=input_features, tf32=tf32,
+                        device=device or default_device())
         return
 
     config = ShiftConfig(scenes=scenes, workers=workers)
@@ -335,7 +339,7 @@ def accuracy(
 
 def _accuracy_suite(name: str, *, out: Path, families: str | None, seeds: str | None, rows: str | None, teacher: str,
                     max_views: int | None, workers: int, work: Path | None, max_minutes: float | None, jobs: int,
-                    scene_gpus: str | None, tf32: bool, device: str) -> None:
+                    scene_gpus: str | None, input_features: str | None, tf32: bool, device: str) -> None:
     from dataclasses import replace
 
     from tttkd.suite import SUITES, run_suite
@@ -357,6 +361,15 @@ def _accuracy_suite(name: str, *, out: Path, families: str | None, seeds: str | 
                      rows=tuple(r.strip() for r in rows.split(",")) if rows else config.rows, teacher=teacher,
                      max_views=max_views, workers=max(workers, config.workers), jobs=jobs, scene_gpus=gpus,  # gpu presets: >= 8 workers
                      adapt=replace(config.adapt, tf32=tf32))
+    if input_features is not None:
+        from tttkd.data import in_channels
+
+        try:
+            in_channels(input_features)
+        except KeyError:
+            fail(f"--input-features {input_features!r}: choose color_normal or xyz")
+        config = replace(config, train=replace(config.train, data=replace(config.train.data,
+                                                                          input_features=input_features)))
     try:
         run = run_suite(config, out, work=work, device=device, max_minutes=max_minutes,
                         log=lambda m: console.print(f"[bold]{m}[/bold]"), bars=True)

@@ -401,3 +401,16 @@ def test_the_table_gives_a_single_seeds_value_without_a_spread_and_marks_missing
     assert "| TTT-KD | 80.3 ± 1.5 | 17.4 (n=1) |" in text
     one = markdown_summary({"TTT-KD": {"all": {"mean": 17.4, "std": 0.0, "n": 1}}}, ["all"], title="t", seeds=1)
     assert "| TTT-KD | 17.4 |" in one
+
+
+def test_input_features_of_another_kind_is_a_one_line_error_and_xyz_cells_are_a_protocol_of_their_own(tmp_path):
+    from typer.testing import CliRunner
+
+    from tttkd.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "accuracy", "--suite", "cpu", "--input-features", "rgb", "--device",
+                                      "cpu", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "--input-features 'rgb': choose color_normal or xyz" in result.output
+    config = cpu_suite()
+    xyz = replace(config, train=replace(config.train, data=replace(config.train.data, input_features="xyz")))
+    assert xyz.protocol()["train"]["data"]["input_features"] == "xyz" and xyz.protocol() != config.protocol()
