@@ -54,7 +54,6 @@ Metadata is not consolidated: consolidated metadata would hide scenes added by a
 from __future__ import annotations
 
 import fcntl
-import functools
 import os
 import time
 from contextlib import contextmanager
@@ -63,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs.numcodecs import FixedScaleOffset
 
 from .scene import Scene, check_scene_id
 
@@ -241,32 +241,21 @@ def feature_filters(codec: str) -> list:
 
     with warnings.catch_warnings():  # "numcodecs codecs are not in the Zarr v3 spec": README documents the bytes
         warnings.simplefilter("ignore", UserWarning)
-        return [_int8_filter_class()(offset=0, scale=127, dtype="<f2", astype="|i1")]
+        return [Int8Filter(offset=0, scale=127, dtype="<f2", astype="|i1")]
 
 
-@functools.cache
-def _int8_filter_class():
-    import warnings
+class Int8Filter(FixedScaleOffset):
+    """numcodecs' fixedscaleoffset (offset 0, scale 127, float16 -> int8) with the same metadata and
+    decoding, encoded in float32: numcodecs' own encoder computes in numpy float16, which is emulated
+    and made writing an int8 scene 5x slower than an fp16 one. A component whose 127 x lies within
+    float16 rounding of a half may round the other way than numcodecs would; either byte decodes as
+    q / 127 (tests/test_codecs.py). Components beyond [-1, 1] (a mean of unit vectors in float16 can
+    reach 1.004) are clipped, where numcodecs would wrap 128 around to -128."""
 
-    with warnings.catch_warnings():  # numcodecs.zarr3 is deprecated in favour of zarr's own copy
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from numcodecs.zarr3 import FixedScaleOffset
-
-    class Int8Filter(FixedScaleOffset):
-        """numcodecs' fixedscaleoffset (offset 0, scale 127, float16 -> int8) with the same metadata
-        and decoding, encoded in float32: numcodecs' own encoder computes in numpy float16, which is
-        emulated and made writing an int8 scene 6x slower than an fp16 one. A component whose
-        127 x lies within float16 rounding of a half may round the other way than numcodecs would;
-        either byte decodes as q / 127 (tests/test_codecs.py). Components beyond [-1, 1] (a mean
-        of unit vectors in float16 can reach 1.004) are clipped, where numcodecs would wrap 128
-        around to -128."""
-
-        async def _encode_single(self, chunk_data, chunk_spec):
-            values = chunk_data.as_ndarray_like().astype(np.float32) * np.float32(127)
-            quantised = np.rint(np.clip(values, -127, 127, out=values), out=values).astype(np.int8)
-            return chunk_spec.prototype.nd_buffer.from_ndarray_like(quantised)
-
-    return Int8Filter
+    async def _encode_single(self, chunk_data, chunk_spec):
+        values = chunk_data.as_ndarray_like().astype(np.float32) * np.float32(127)
+        quantised = np.rint(np.clip(values, -127, 127, out=values), out=values).astype(np.int8)
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(quantised)
 
 
 def write_scene(path: Path, scene: Scene, *, seen_index: np.ndarray, feature: np.ndarray,
