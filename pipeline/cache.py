@@ -285,14 +285,15 @@ def write_scene(path: Path, scene: Scene, *, seen_index: np.ndarray, feature: np
             return False
         group = scenes.create_group(scene_id, overwrite=True, attributes={"complete": False})
         feature_rows = max(1, FEATURE_CHUNK_BYTES // max(1, feature.shape[1] * 2))
+        # copy=False: extraction hands the arrays over in these dtypes (a fp16 scene's features are ~130 MB)
         arrays = {
-            "coord": (scene.coord.astype(np.float32), (POINT_CHUNK, 3)),
-            "color": (scene.color.astype(np.uint8), (POINT_CHUNK, 3)),
-            "normal": (scene.normal.astype(np.float16), (POINT_CHUNK, 3)),
-            "label": (scene.label.astype(np.int16), (POINT_CHUNK,)),
-            "seen_index": (seen_index.astype(np.int32), (POINT_CHUNK,)),
-            "feature": (feature.astype(np.float16), (feature_rows, feature.shape[1])),
-            "view_count": (view_count.astype(np.uint16), (POINT_CHUNK,)),
+            "coord": (scene.coord.astype(np.float32, copy=False), (POINT_CHUNK, 3)),
+            "color": (scene.color.astype(np.uint8, copy=False), (POINT_CHUNK, 3)),
+            "normal": (scene.normal.astype(np.float16, copy=False), (POINT_CHUNK, 3)),
+            "label": (scene.label.astype(np.int16, copy=False), (POINT_CHUNK,)),
+            "seen_index": (seen_index.astype(np.int32, copy=False), (POINT_CHUNK,)),
+            "feature": (feature.astype(np.float16, copy=False), (feature_rows, feature.shape[1])),
+            "view_count": (view_count.astype(np.uint16, copy=False), (POINT_CHUNK,)),
         }
         for name, (data, chunks) in arrays.items():
             chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape))
@@ -499,7 +500,7 @@ def recode(source: Path, destination: Path, *, feature_codec: str, pca_dims: int
             attrs = {k: v for k, v in cache.scene_attrs(scene_id).items()
                      if k not in ("complete", "num_points", "num_seen", "pca_cosine_mean", "pca_cosine_min")}
             points = Scene(scene_id, scene.coord, scene.color, scene.normal.astype(np.float32), scene.label)
-            feature = cache.decode(scene.feature).astype(np.float16)  # as extraction hands it over
+            feature = cache.decode(scene.feature)
             began = time.perf_counter()
             written += write_scene(destination, points, seen_index=scene.seen_index, feature=feature,
                                    view_count=scene.view_count, attrs=attrs, feature_codec=feature_codec)

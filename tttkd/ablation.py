@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .suite import mean_std_text
+
 SETTINGS = {"max_views": "views per scene in the cache", "teacher": "teacher"}
 """Protocol fields an ablation may vary, and how the table names them."""
 
@@ -75,8 +77,7 @@ def markdown(table: dict) -> str:
             entries = by_family.get(family, [])
             if not any(entries):
                 continue
-            text = ["-" if e is None else f"{e['mean']:.1f}" + (f" ± {e['std']:.1f}" if e["n"] > 1 else "") + f" (n={e['n']})"
-                    for e in entries]
+            text = ["-" if e is None else f"{mean_std_text(e)} (n={e['n']})" for e in entries]
             lines.append(f"| {row} | " + " | ".join(text) + " |")
         lines.append("")
     return "\n".join(lines)

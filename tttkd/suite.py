@@ -630,17 +630,18 @@ def _quiet_worker(threads: int) -> None:
 def visible_gpus(ids: str | None):
     """CUDA_VISIBLE_DEVICES=ids for the processes started in the block (None: unchanged). A child
     reads it when its CUDA starts, so it must be in the environment it starts with."""
+    if ids is None:
+        yield
+        return
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if ids is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ids
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids
     try:
         yield
     finally:
-        if ids is not None:
-            if before is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = before
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def _per_scene(task: dict, path: Path, scene_ids: list[str], *, jobs: int, clock: Clock, label: str,
@@ -681,8 +682,9 @@ def _per_scene(task: dict, path: Path, scene_ids: list[str], *, jobs: int, clock
     running, queue, stopped = {}, list(todo), False
     try:
         while queue or running:
+            busy = {slot for slot, _ in running.values()}
             for slot, gpu in enumerate(slots):
-                if not queue or stopped or any(busy == slot for busy, _ in running.values()):
+                if not queue or stopped or slot in busy:
                     continue
                 if not clock.fits(method):
                     stopped = True
@@ -745,6 +747,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
+def mean_std_text(entry: dict) -> str:
+    """"mean ± std" of a table entry; one seed has no spread: its value alone, not "± 0.0"."""
+    return f"{entry['mean']:.1f}" + (f" ± {entry['std']:.1f}" if entry["n"] > 1 else "")
+
+
 def summarise(cells: list[dict], families: list[str]) -> dict:
     """{row: {family: {mean, std, n, seeds, by_step}}} over the per-seed cells."""
     table: dict[str, dict] = {}
@@ -785,8 +792,7 @@ def markdown_summary(table: dict, families: list[str], *, title: str, seeds: int
             if entry is None:
                 cells.append("-")
                 continue
-            # one seed has no spread: its value alone, not "± 0.0"
-            text = f"{entry['mean']:.1f}" + (f" ± {entry['std']:.1f}" if entry["n"] > 1 else "")
+            text = mean_std_text(entry)
             cells.append(text if entry["n"] == seeds else f"{text} (n={entry['n']})")
         if paper:
             cells.append(f"{paper[row]:.1f}" if row in paper else "-")
