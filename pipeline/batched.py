@@ -271,6 +271,8 @@ class _Run:
             seen = seen[to_device(order, self.device)]
             counts = work.view_count[seen]
             mean = (work.feature_sum[seen] / counts[:, None].float()).half()  # fp16: what the cache stores
+            if self.config.feature_codec == "int8":  # encoded here: half the bytes to copy, no encoding on the host
+                mean = int8_codes(mean)
             arrays = {"seen_index": seen.int(), "feature": mean, "view_count": counts}
             if self.copy_stream is not None:  # the copies to the host wait for these on the side stream
                 self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -325,6 +327,12 @@ class _Run:
         """Results of written scenes, in order; with `wait`, all of them."""
         while self.writes and (wait or self.writes[0][1].done()):
             yield self.writes.popleft()[1].result()
+
+
+def int8_codes(feature: torch.Tensor) -> torch.Tensor:
+    """`cache.Int8Filter`'s encoding on the device: round(127 x) of float16 x, computed in float32 and
+    clipped to +-127; the same bytes as the filter's (tests/test_codecs.py)."""
+    return torch.round(feature.half().float().mul_(127).clamp_(-127, 127)).to(torch.int8)
 
 
 def _layout(arrays: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[int, tuple, str]], int]:

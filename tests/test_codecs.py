@@ -101,3 +101,41 @@ def test_the_int8_writer_stores_what_numcodecs_would_and_clips_instead_of_wrappi
     # a plain zarr reader decodes q / 127 (to float16)
     read = zarr.open_array(tmp_path / "ours.zarr", mode="r")[...]
     assert read.dtype == np.float16 and np.array_equal(read, (ours / 127).astype(np.float16))
+
+
+def test_int8_codes_made_on_the_device_are_stored_byte_for_byte_as_the_floats_would_be(tmp_path):
+    # extraction on a GPU hands write_scene the codes (batched.int8_codes), not the float16 means
+    import torch
+
+    from tttkd.pipeline.batched import int8_codes
+    from tttkd.pipeline.cache import write_scene
+    from tttkd.pipeline.scene import Scene
+
+    rng = np.random.default_rng(1)
+    n, d = 40_000, 64  # two feature chunks of 32,768 rows, the second a partial one
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[0, :4] = [1.004, -1.004, 1.0, -1.0]
+    x[1, :3] = [0.5 / 127, 1.5 / 127, -2.5 / 127]  # halves: both round to even
+    x = x.astype(np.float16)
+    codes = int8_codes(torch.from_numpy(x)).numpy()
+    assert codes.dtype == np.int8 and codes[0, :4].tolist() == [127, -127, 127, -127]
+    scene = Scene("scene0000_00", rng.random((n, 3), dtype=np.float32), rng.integers(0, 255, (n, 3), dtype=np.uint8),
+                  np.zeros((n, 3), np.float16), np.zeros(n, np.int16))
+    stores = {}
+    for name, feature in (("floats", x), ("codes", codes)):
+        stores[name] = tmp_path / f"{name}.zarr"
+        open_for_writing(stores[name], {"teacher": "t", "feature_codec": "int8"})
+        assert write_scene(stores[name], scene, seen_index=np.arange(n, dtype=np.int32), feature=feature,
+                           view_count=np.ones(n, np.uint16), attrs={}, feature_codec="int8")
+    stored = {name: {p.relative_to(store): p.read_bytes() for p in (store / "scenes" / "scene0000_00" / "feature")
+                     .rglob("*") if p.is_file()} for name, store in stores.items()}
+    assert len(stored["codes"]) == 3  # zarr.json and two chunks
+    assert stored["codes"] == stored["floats"]
+    read = FeatureCache(stores["codes"]).read("scene0000_00").feature
+    assert read.dtype == np.float16 and np.array_equal(read, (codes / 127).astype(np.float16))
+    with pytest.raises(ValueError, match="int8 feature codes given for the 'fp16' codec"):
+        write_scene(stores["codes"], Scene("scene0001_00", *[getattr(scene, k) for k in ("coord", "color", "normal",
+                                                                                          "label")]),
+                    seen_index=np.arange(n, dtype=np.int32), feature=codes, view_count=np.ones(n, np.uint16),
+                    attrs={}, feature_codec="fp16")

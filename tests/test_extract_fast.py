@@ -148,30 +148,34 @@ def corrupt_one_image(root):
     image.write_bytes(image.read_bytes()[:200])
 
 
-@pytest.mark.parametrize("processes", [False, True])
-def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, tmp_path, processes):
+@pytest.mark.parametrize("processes, codec", [(False, "fp16"), (True, "fp16"), (True, "int8")])
+def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, tmp_path, processes, codec,
+                                                                   monkeypatch):
     """Batches that span scenes (batch 4, scenes of 2-3 views), decoding and writing in threads or in
     processes (SkippedView, DecodedView and the scene's arrays cross the process boundary): same seen
-    points in the same order, same view counts and skip counts, features with cosine >= 0.999."""
+    points in the same order, same view counts and skip counts, features with cosine >= 0.999. With
+    int8, the batched path hands over codes made on its device, the per-scene path floats."""
     import shutil
     from concurrent.futures import ThreadPoolExecutor
 
-    from tttkd.pipeline import cache
+    from tttkd.pipeline import batched, cache
     from tttkd.pipeline.batched import extract_scenes, process_pool
     from tttkd.pipeline.extract import PrepConfig, extract_scene
     from tttkd.pipeline.scannet import ScanNetReader
     from tttkd.pipeline.teacher import load_teacher
 
+    original, encoded = batched.int8_codes, []
+    monkeypatch.setattr(batched, "int8_codes", lambda feature: encoded.append(len(feature)) or original(feature))
     root = Path(shutil.copytree(synth_root, tmp_path / "data"))
     corrupt_one_image(root)
     ids = ["scene0000_00", "scene0001_00", "scene0002_00", "scene0404_00"]  # the last one does not exist
     teacher = load_teacher("efficientnet_lite0", device="cpu")
-    config = PrepConfig(dataset="scannet", root=root, teacher="efficientnet_lite0", batch_size=4)
+    config = PrepConfig(dataset="scannet", root=root, teacher="efficientnet_lite0", batch_size=4, feature_codec=codec)
     reader = ScanNetReader(root)
     stores = {}
     for path in ("per_scene", "batched"):
         stores[path] = tmp_path / f"{path}.zarr"
-        cache.open_for_writing(stores[path], {"teacher": "efficientnet_lite0"})
+        cache.open_for_writing(stores[path], {"teacher": "efficientnet_lite0", "feature_codec": codec})
     reference = {s: extract_scene(reader, s, teacher=teacher, config=config, store=stores["per_scene"], split="x")
                  for s in ids}
     pool, writers = (process_pool(2), process_pool(1)) if processes else (ThreadPoolExecutor(2), 2)
@@ -181,6 +185,7 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
     if processes:
         writers.shutdown()
     assert sorted(results) == sorted(ids)
+    assert len(encoded) == (3 if codec == "int8" else 0)  # each written scene's codes made by the extracting process
     assert results["scene0404_00"].status == "failed" and "scene0404_00" in results["scene0404_00"].reason
     assert results["scene0001_00"].views_skipped == reference["scene0001_00"].views_skipped == {"unreadable image": 1}
     for s in ids[:3]:
@@ -192,6 +197,8 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
         cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(a.feature.astype(np.float32)),
                                                        torch.from_numpy(b.feature.astype(np.float32)), dim=1)
         assert cosine.min() >= 0.999, (s, float(cosine.min()))
+        raw = zarr.open_array(stores["batched"] / "scenes" / s / "feature", mode="r")
+        assert len(raw.metadata.codecs) == (4 if codec == "int8" else 3)  # the int8 filter, bytes, zstd, crc32c
         group = zarr.open_group(stores["batched"] / "scenes" / s, mode="r")
         assert group.attrs["complete"] is True and group.attrs["split"] == "x"
 

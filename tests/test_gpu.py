@@ -146,10 +146,12 @@ def test_a_cpu_checkpoint_predicts_the_same_on_cuda():
         assert agree >= 0.999, (path, agree)
 
 
-def test_one_scene_extracted_on_cuda_matches_cpu(tmp_path):
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_one_scene_extracted_on_cuda_matches_cpu(tmp_path, codec):
     """The whole job on both devices: on CPU the per-scene numpy path, on CUDA the fast path
     (batched.py: a group task on a non-daemon Dask worker, decoding and writing processes, batched
-    projection and sparse accumulation, copies on a side stream, arrays through shared memory)."""
+    projection and sparse accumulation, copies on a side stream, arrays through shared memory; for
+    int8, codes made on the GPU and stored as they are)."""
     from tttkd.pipeline.cache import FeatureCache
     from tttkd.pipeline.extract import PrepConfig
     from tttkd.pipeline.job import run_extraction
@@ -160,7 +162,8 @@ def test_one_scene_extracted_on_cuda_matches_cpu(tmp_path):
     weights = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.manual_seed(0)
     torch.save(build_network("dinov2_vits14").state_dict(), weights)
-    config = PrepConfig(dataset="scannet", root=tmp_path / "data", teacher="dinov2_vits14", weights=weights)
+    config = PrepConfig(dataset="scannet", root=tmp_path / "data", teacher="dinov2_vits14", weights=weights,
+                        feature_codec=codec)
     scenes = {}
     for device in ("cpu", "cuda"):
         store = tmp_path / f"{device}.zarr"
