@@ -332,7 +332,7 @@ class _Run:
 def int8_codes(feature: torch.Tensor) -> torch.Tensor:
     """`cache.Int8Filter`'s encoding on the device: round(127 x) of float16 x, computed in float32 and
     clipped to +-127; the same bytes as the filter's (tests/test_codecs.py)."""
-    return torch.round(feature.half().float().mul_(127).clamp_(-127, 127)).to(torch.int8)
+    return feature.half().float().mul_(127).clamp_(-127, 127).round_().to(torch.int8)
 
 
 def _layout(arrays: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[int, tuple, str]], int]:

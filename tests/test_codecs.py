@@ -108,7 +108,7 @@ def test_int8_codes_made_on_the_device_are_stored_byte_for_byte_as_the_floats_wo
     import torch
 
     from tttkd.pipeline.batched import int8_codes
-    from tttkd.pipeline.cache import write_scene
+    from tttkd.pipeline.cache import _write_int8_codes, write_scene
     from tttkd.pipeline.scene import Scene
 
     rng = np.random.default_rng(1)
@@ -134,6 +134,9 @@ def test_int8_codes_made_on_the_device_are_stored_byte_for_byte_as_the_floats_wo
     assert stored["codes"] == stored["floats"]
     read = FeatureCache(stores["codes"]).read("scene0000_00").feature
     assert read.dtype == np.float16 and np.array_equal(read, (codes / 127).astype(np.float16))
+    plain = zarr.create_array(tmp_path / "plain.zarr", shape=codes.shape, dtype=np.float16, chunks=(1000, d))
+    with pytest.raises(ValueError, match="int8 codes need the int8 filter"):
+        _write_int8_codes(plain, codes)  # codes under another decoding would be read as other numbers
     with pytest.raises(ValueError, match="int8 feature codes given for the 'fp16' codec"):
         write_scene(stores["codes"], Scene("scene0001_00", *[getattr(scene, k) for k in ("coord", "color", "normal",
                                                                                           "label")]),

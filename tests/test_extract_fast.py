@@ -148,7 +148,7 @@ def corrupt_one_image(root):
     image.write_bytes(image.read_bytes()[:200])
 
 
-@pytest.mark.parametrize("processes, codec", [(False, "fp16"), (True, "fp16"), (True, "int8")])
+@pytest.mark.parametrize("processes, codec", [(False, "fp16"), (True, "fp16"), (False, "int8"), (True, "int8")])
 def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, tmp_path, processes, codec,
                                                                    monkeypatch):
     """Batches that span scenes (batch 4, scenes of 2-3 views), decoding and writing in threads or in
