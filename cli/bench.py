@@ -92,17 +92,22 @@ def extract(
                         f"batch {batch_size}, {decoders} decoding and {writers} writing processes"
                         + ("" if write else ", no cache write"))
     for column in ("workload", "colour (H, W)", "teacher input", "model only: images / s", "end to end: images / s",
-                   "ratio", "s / scene", "scenes, images, points"):
+                   "ratio", "s / scene", "scenes, images, points", "host: core ms / image", "host bound: images / s"):
         table.add_column(column, justify="left" if column == "workload" else "right")
     for r in rows:
         table.add_row(r["workload"], str(tuple(r["image_size"])), str(tuple(r["teacher_input"])),
                       f"{r['model_images_per_s']:.1f}", f"{r['end_to_end_images_per_s']:.1f}", f"{r['ratio']:.1%}",
                       f"{r['end_to_end_s_per_scene']:.3f}",
-                      f"{r['end_to_end_scenes']}, {r['end_to_end_images']}, {r['end_to_end_points']}")
+                      f"{r['end_to_end_scenes']}, {r['end_to_end_images']}, {r['end_to_end_points']}",
+                      f"{r['host']['host_core_ms_per_image']:.2f}", f"{r['host']['host_bound_images_per_s']:.0f}")
     console.print(table)
     for r in rows:  # whole lines too: a narrow terminal folds the table's headers
+        h = r["host"]
         console.print(f"{r['workload']}: model only: images / s {r['model_images_per_s']:.1f}, end to end: images / s "
-                      f"{r['end_to_end_images_per_s']:.1f}, ratio {r['ratio']:.1%}", soft_wrap=True, highlight=False)
+                      f"{r['end_to_end_images_per_s']:.1f}, ratio {r['ratio']:.1%}; host, one core: decode "
+                      f"{h['decode_ms_per_image']:.2f} ms an image, write {h['write_s_per_scene']:.3f} s a scene of "
+                      f"{h['views_per_scene']} views ({r['feature_codec']}): at most {h['host_bound_images_per_s']:.0f} "
+                      f"images / s on {h['host_cores']} cores", soft_wrap=True, highlight=False)
     from tttkd.pipeline.bench import grouped_calls
 
     for r in rows:

@@ -26,6 +26,7 @@ import torch
 from . import cache, synth
 from .batched import extract_scenes, process_pool
 from .extract import PrepConfig, decode_view, make_reader, provenance
+from .scene import Scene
 from .teacher import file_sha256, load_teacher, resolve_weights
 
 
@@ -135,6 +136,41 @@ def time_teacher(teacher, pixels: torch.Tensor, *, repeats: int, warmup: int) ->
     return float(np.median(times))
 
 
+def host_costs(reader, scene_id: str, *, config: PrepConfig, teacher, store: Path, scratch: Path,
+               views: int = 16) -> dict:
+    """The host's own work per image, timed serially on one core after the run: decoding a view
+    (the colour image at teacher scale and the depth image) and writing one scene as the run's
+    writing processes store it (for int8: codes, as a GPU run hands them over), per view of that
+    scene. `host_bound_images_per_s` is what all of the process's cores could sustain doing only
+    this, with nothing left for the process that feeds the GPU: an upper bound on end to end."""
+    scene_views = reader.read_views(scene_id).views
+    timed = [scene_views[i % len(scene_views)] for i in range(views)]
+    decode_view(timed[0], image_scale=config.image_scale, fit=teacher.spec)  # imports and caches warm
+    start = time.perf_counter()
+    for view in timed:
+        decode_view(view, image_scale=config.image_scale, fit=teacher.spec)
+    decode_s = (time.perf_counter() - start) / len(timed)
+    stored = cache.FeatureCache(store)
+    written = stored.read(scene_id)
+    num_views = stored.scene_attrs(scene_id)["num_views"]
+    feature = written.feature
+    if config.feature_codec == "int8":
+        feature = np.rint(feature.astype(np.float32) * 127).astype(np.int8)  # the stored codes exactly
+    scene = Scene(scene_id, written.coord, written.color, written.normal, written.label)
+    cache.open_for_writing(scratch, stored.provenance)
+    write_s = []
+    for copy in range(2):  # the faster of two: the first one also creates the store's scene folders
+        start = time.perf_counter()
+        cache.write_scene(scratch, replace(scene, scene_id=f"{scene_id}_{copy}"), seen_index=written.seen_index,
+                          feature=feature, view_count=written.view_count, attrs={}, feature_codec=config.feature_codec)
+        write_s.append(time.perf_counter() - start)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_image = decode_s + min(write_s) / num_views
+    return {"decode_ms_per_image": decode_s * 1e3, "write_s_per_scene": min(write_s), "views_per_scene": num_views,
+            "seen_points": len(written.seen_index), "host_core_ms_per_image": per_image * 1e3, "host_cores": cores,
+            "host_bound_images_per_s": cores / per_image}
+
+
 def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, decoders: int, repeats: int = 10,
                   warmup: int = 3, store_dir: Path, write: bool = True, writers: int = 4,
                   profile_scenes: int = 0) -> dict:
@@ -182,6 +218,7 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, deco
     failed = {r.scene_id: r.reason for r in results + again_results if r.status != "done"}
     if failed:
         raise RuntimeError(f"benchmark scenes failed: {failed}")
+    host = host_costs(reader, scene_ids[0], config=config, teacher=teacher, store=warm, scratch=store_dir / "host.zarr")
     num_images = sum(r.num_views for r in results)
     model_rate = config.batch_size / model_seconds
     e2e_rate = num_images / e2e_seconds
@@ -210,6 +247,7 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, deco
         "end_to_end_seconds": e2e_seconds,
         "ratio": e2e_rate / model_rate,
         "main_thread_s": timings,
+        "host": host,
         "store_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
         "teacher_load_s": load_seconds,
         "weights_hash_s": hash_seconds,

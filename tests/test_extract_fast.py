@@ -380,3 +380,33 @@ def test_writer_threads_go_to_the_runs_gpu_also_when_it_is_named_without_an_inde
     thread_on(torch.device("cuda"))()
     thread_on(torch.device("cuda:1"))()
     assert calls == [2, 1]
+
+
+def test_the_benchs_host_costs_rewrite_a_scene_as_the_run_stored_it(synth_root, tmp_path):
+    """`bench extract` times the host's own work after the run: a scene written again from what the
+    run stored (int8: its codes) gives the same chunk files, and the bound adds decode and write."""
+    from tttkd.pipeline.bench import host_costs
+    from tttkd.pipeline.extract import PrepConfig
+    from tttkd.pipeline.job import run_extraction
+    from tttkd.pipeline.scannet import ScanNetReader
+    from tttkd.pipeline.teacher import load_teacher
+
+    config = PrepConfig(dataset="scannet", root=synth_root, teacher="efficientnet_lite0", batch_size=4,
+                        feature_codec="int8")
+    store = tmp_path / "s.zarr"
+    report = run_extraction(config, out=store, scene_ids=["scene0000_00"], workers=1, device="cpu", progress=False)
+    assert report.done == ["scene0000_00"]
+    host = host_costs(ScanNetReader(synth_root), "scene0000_00", config=config,
+                      teacher=load_teacher("efficientnet_lite0", device="cpu"), store=store, scratch=tmp_path / "h.zarr",
+                      views=4)
+
+    def chunks(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    for name in ("feature", "seen_index", "coord", "view_count"):
+        assert chunks(tmp_path / "h.zarr" / "scenes" / "scene0000_00_1" / name) == chunks(
+            store / "scenes" / "scene0000_00" / name), name
+    assert host["views_per_scene"] == FeatureCache(store).scene_attrs("scene0000_00")["num_views"]
+    per_image = host["decode_ms_per_image"] / 1e3 + host["write_s_per_scene"] / host["views_per_scene"]
+    assert host["decode_ms_per_image"] > 0 and host["write_s_per_scene"] > 0
+    assert host["host_bound_images_per_s"] == pytest.approx(host["host_cores"] / per_image)
