@@ -403,6 +403,24 @@ def test_the_table_gives_a_single_seeds_value_without_a_spread_and_marks_missing
     assert "| TTT-KD | 17.4 |" in one
 
 
+def test_the_steps_table_is_each_steps_mean_and_sample_std_over_the_per_seed_cells():
+    from tttkd.suite import SHUFFLED, steps_table, summarise
+
+    def cell(seed, row, by_step):
+        return {"seed": seed, "family": "sensor", "row": row,
+                "result": {"miou": by_step["100"], "miou_by_step": by_step}}
+
+    cells = [cell(0, "TTT-KD", {"0": 0.70, "10": 0.80, "100": 0.72}),  # cells hold fractions, tables points
+             cell(1, "TTT-KD", {"0": 0.72, "10": 0.82, "100": 0.76}),
+             cell(0, SHUFFLED, {"0": 0.70, "10": 0.60, "100": 0.14}),
+             cell(0, "Joint-Train", {"100": 0.70})]  # one score, no steps: not a line of its own
+    text = steps_table(summarise(cells, ["sensor"]), ["sensor"])
+    assert "| family | row | 0 | 10 | 100 |" in text
+    assert "| sensor | TTT-KD | 71.0 ± 1.4 | 81.0 ± 1.4 | 74.0 ± 2.8 |" in text
+    assert f"| sensor | {SHUFFLED} | 70.0 | 60.0 | 14.0 |" in text and "Joint-Train" not in text
+    assert steps_table(summarise(cells[3:], ["sensor"]), ["sensor"]) == ""
+
+
 def test_input_features_of_another_kind_is_a_one_line_error_and_xyz_cells_are_a_protocol_of_their_own(tmp_path):
     from typer.testing import CliRunner
 

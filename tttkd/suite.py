@@ -800,6 +800,24 @@ def markdown_summary(table: dict, families: list[str], *, title: str, seeds: int
     return "\n".join(lines) + "\n"
 
 
+def steps_table(table: dict, families: list[str]) -> str:
+    """mIoU against TTT steps (paper Fig. 4a) as numbers: per family, each row scored after several
+    steps in one run (TTT-KD and its control), "mean ± std" over seeds; "" if no row has steps."""
+    rows = [(family, row) for family in families for row in ROWS
+            if len(table.get(row, {}).get(family, {}).get("by_step", {})) > 1]
+    if not rows:
+        return ""
+    steps = sorted({s for family, row in rows for s in table[row][family]["by_step"]})
+    lines = ["### mIoU against TTT steps, mean ± std over seeds", "",
+             "| family | row | " + " | ".join(map(str, steps)) + " |", "|---|---|" + "---:|" * len(steps)]
+    for family, row in rows:
+        entry = table[row][family]
+        cells = [mean_std_text({"mean": entry["by_step"][s][0], "std": entry["by_step"][s][1], "n": entry["n"]})
+                 if s in entry["by_step"] else "-" for s in steps]
+        lines.append(f"| {family_title(family)} | {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def per_class_tables(cells: list[dict], families: list[str]) -> str:
     """Per family, each row's per-class IoU averaged over its seeds (experiment.markdown_table)."""
     text = []
@@ -888,7 +906,8 @@ def write_summary(out: Path, config: SuiteConfig) -> dict:
                  "machine; GPU training is not bit-reproducible): " + "; ".join(mixed) + ".\n")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"results.md.tmp{os.getpid()}"  # processes sharing `out` never leave a torn file
-    tmp.write_text(text + "\n" + per_class_tables(cells, families))
+    steps = steps_table(table, families)
+    tmp.write_text(text + "\n" + (steps + "\n" if steps else "") + per_class_tables(cells, families))
     os.replace(tmp, out / "results.md")
     plots = [f"miou_vs_steps_{f}.png" for f in families if plot_family(table, f, out / f"miou_vs_steps_{f}.png")]
     record = {"suite": config.name, "config": asdict(config), "protocol": config.protocol(), **environment(),
