@@ -39,7 +39,7 @@ def extract(
     image_scale: ScaleOpt = 0.25,
     decoders: Annotated[Optional[int], typer.Option(help="decoding processes (default: CPU cores - 1)")] = None,
     writers: Annotated[Optional[int], typer.Option(help="processes writing scenes (default: CPU cores / 2)")] = None,
-    feature_codec: Annotated[str, typer.Option(help="fp16 or int8")] = "fp16",
+    feature_codec: Annotated[str, typer.Option(help="fp16 or int8 (int8: codes made on the GPU)")] = "fp16",
     write: Annotated[bool, typer.Option(help="--no-write: everything but the zarr write, to see what it costs")] = True,
     repeats: Annotated[int, typer.Option(help="timed repeats of the model-only batch")] = 10,
     profile: Annotated[int, typer.Option(
@@ -64,6 +64,9 @@ def extract(
         assert all(len(p) == 2 for p in sizes + loads)
     except (ValueError, AssertionError):
         fail("--workloads takes VIEWSxPOINTS and --image-sizes WxH items, comma-separated (e.g. 16x150000, 1296x968)")
+    if feature_codec not in ("fp16", "int8"):
+        fail(f"--feature-codec {feature_codec}: bench extract writes fp16 or int8 (pca-int8 needs a basis fitted on "
+             "extracted features: `tttkd bench codecs` measures it on a store)")
     decoders = decoders if decoders is not None else max(1, (os.cpu_count() or 2) - 1)
     writers = writers if writers is not None else max(1, (os.cpu_count() or 2) // 2)
     rows = []

@@ -97,6 +97,14 @@ def test_bench_extract_prints_both_throughputs(tmp_path):
     assert record["profile"] is None  # only when asked
 
 
+def test_bench_extract_refuses_a_codec_it_cannot_write_before_any_work(tmp_path):
+    result = runner.invoke(tttkd_app, ["bench", "extract", "--device", "cpu", "--feature-codec", "pca-int8",
+                                       "--data", str(tmp_path / "data"), "--out", str(tmp_path / "b.json")])
+    assert result.exit_code == 1
+    assert "--feature-codec pca-int8: bench extract writes fp16 or int8" in result.output
+    assert not (tmp_path / "data").exists() and not (tmp_path / "b.json").exists()
+
+
 def test_bench_extract_profiles_scenes_again_when_asked(tmp_path):
     out = tmp_path / "bench.json"
     result = runner.invoke(tttkd_app, ["bench", "extract", "--scenes", "1", "--device", "cpu", "--repeats", "1",
