@@ -177,6 +177,9 @@ class _Run:
         self.writes: deque[tuple[_SceneWork, Future]] = deque()
         self.max_pending = 2 * threads  # scenes handed to the writers and not yet written
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # pca-int8 (a store that has its basis): scenes are projected and encoded on the device
+        basis = cache.FeatureCache(store).basis if config.feature_codec == "pca-int8" else None
+        self.basis = None if basis is None else to_device(basis, self.device)
         self.own_blocks = blocks is None  # else the caller's, kept across calls (a Dask worker's)
         self.blocks = SharedBlocks(pin=self.device.type == "cuda") if blocks is None else blocks
 
@@ -271,8 +274,11 @@ class _Run:
             seen = seen[to_device(order, self.device)]
             counts = work.view_count[seen]
             mean = (work.feature_sum[seen] / counts[:, None].float()).half()  # fp16: what the cache stores
+            feature_attrs = {}
             if self.config.feature_codec == "int8":  # encoded here: half the bytes to copy, no encoding on the host
                 mean = int8_codes(mean)
+            elif self.basis is not None:  # pca-int8: K bytes a point to copy; write_scene would project on the host
+                mean, feature_attrs = pca_codes(mean, self.basis)
             arrays = {"seen_index": seen.int(), "feature": mean, "view_count": counts}
             if self.copy_stream is not None:  # the copies to the host wait for these on the side stream
                 self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -281,9 +287,10 @@ class _Run:
                                view_errors=work.view_errors, seconds=time.perf_counter() - work.start)
         finally:
             work.feature_sum = work.coord = work.view_count = None  # the device memory goes back now
-        return self._write(work, arrays, work.start)
+        return self._write(work, arrays, work.start, feature_attrs)
 
-    def _write(self, work: _SceneWork, arrays: dict[str, torch.Tensor], start: float) -> SceneResult:
+    def _write(self, work: _SceneWork, arrays: dict[str, torch.Tensor], start: float,
+               feature_attrs: dict) -> SceneResult:
         """In a writer thread: the scene's arrays to the host (on the side stream, so the GPU's
         work queue never waits for a copy), then into the store, here or in a writing process."""
         scene = work.scene
@@ -303,7 +310,7 @@ class _Run:
             arrays.clear()  # the device memory can go
             options = dict(feature_codec=self.config.feature_codec,
                            attrs={"split": self.split, "num_views": work.used, "views_skipped": work.skipped,
-                                  "view_errors": work.view_errors})
+                                  "view_errors": work.view_errors, **feature_attrs})
             if not self.write:
                 pass
             elif block is not None:
@@ -333,6 +340,18 @@ def int8_codes(feature: torch.Tensor) -> torch.Tensor:
     """`cache.Int8Filter`'s encoding on the device: round(127 x) of float16 x, computed in float32 and
     clipped to +-127; the same bytes as the filter's (tests/test_codecs.py)."""
     return feature.half().float().mul_(127).clamp_(-127, 127).round_().to(torch.int8)
+
+
+def pca_codes(feature: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """pca-int8 on the device, as `cache.write_scene` does it on the host: the (M, K) coefficients
+    c = B^T f of the float16 features as int8 codes, and what the basis keeps of them,
+    cos(B B^T f, f) = |c| / |f|, as the scene's `pca_cosine_mean` / `pca_cosine_min`."""
+    feature = feature.half().float()
+    coefficients = feature @ basis
+    norm = feature.norm(dim=1)
+    kept = coefficients.norm(dim=1)[norm > 0] / norm[norm > 0]
+    stats = torch.stack([kept.mean(), kept.min()]).tolist() if len(kept) else [1.0, 1.0]  # one read-back
+    return int8_codes(coefficients), {"pca_cosine_mean": stats[0], "pca_cosine_min": stats[1]}
 
 
 def _layout(arrays: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[int, tuple, str]], int]:

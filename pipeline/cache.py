@@ -283,14 +283,21 @@ def write_scene(path: Path, scene: Scene, *, seen_index: np.ndarray, feature: np
 
     Overwrites an incomplete earlier attempt; a scene that another run completed meanwhile is kept
     (it joins `attrs["split"]` if it had none) and False is returned. `feature` is (M, D) whatever
-    the codec: pca-int8 projects it onto the store's basis here. An int8 `feature` for the int8
-    codec holds the codes already (see `_write_int8_codes`)."""
+    the codec: pca-int8 projects it onto the store's basis here. An int8 `feature` holds the codes
+    already (see `_write_int8_codes`): for int8, of the features; for pca-int8, (M, K) of their
+    coefficients, with `attrs` giving the scene's pca_cosine_mean and pca_cosine_min
+    (batched.pca_codes makes both on the GPU)."""
     assert feature.shape[0] == seen_index.shape[0] == view_count.shape[0]
     codes = feature.dtype == np.int8
-    if codes and feature_codec != "int8":
+    if codes and feature_codec == "fp16":
         raise ValueError(f"int8 feature codes given for the {feature_codec!r} codec")
     scene_id = check_scene_id(scene.scene_id)
-    if feature_codec == "pca-int8":
+    if feature_codec == "pca-int8" and codes:
+        dims = _read_basis(path).shape[1]
+        if feature.shape[1] != dims or not {"pca_cosine_mean", "pca_cosine_min"} <= attrs.keys():
+            raise ValueError(f"scene {scene_id}: pca-int8 codes need {dims} coefficients a point (got "
+                             f"{feature.shape[1]}) and the scene's pca_cosine_mean and pca_cosine_min")
+    elif feature_codec == "pca-int8":
         basis = _read_basis(path)  # (D, K)
         assert feature.shape[1] == basis.shape[0], (feature.shape, basis.shape)
         norm = np.linalg.norm(feature.astype(np.float32), axis=1)

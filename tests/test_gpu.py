@@ -181,6 +181,23 @@ def test_one_scene_extracted_on_cuda_matches_cpu(tmp_path, codec):
     assert np.array_equal(cpu.view_count[order_cpu], cuda.view_count[order_cuda])
 
 
+def test_feature_codes_made_on_cuda_are_the_cpus():
+    """int8 codes bit for bit (one float32 product, clamp, round half to even); pca-int8 codes to one
+    step where the GPU's matmul rounds a coefficient across a half, and the same kept-cosine stats."""
+    from tttkd.pipeline.batched import int8_codes, pca_codes
+
+    torch.manual_seed(0)
+    feature = torch.nn.functional.normalize(torch.randn(20_000, 1024), dim=1).half()
+    feature[0, :2] = torch.tensor([1.004, -1.004]).half()
+    assert torch.equal(int8_codes(feature.cuda()).cpu(), int8_codes(feature))
+    basis = torch.linalg.qr(torch.randn(1024, 256))[0]
+    cpu, cpu_stats = pca_codes(feature, basis)
+    cuda, cuda_stats = pca_codes(feature.cuda(), basis.cuda())
+    steps = (cuda.cpu().int() - cpu.int()).abs()
+    assert steps.max() <= 1 and steps.float().mean() < 1e-2
+    assert cuda_stats == pytest.approx(cpu_stats, abs=1e-5)
+
+
 def test_page_locked_shared_blocks_receive_the_device_arrays_across_reuse():
     """Extraction copies a finished scene from the GPU into a reused shared-memory block that CUDA
     page-locked (cudaHostRegister): the bytes arrive, also in a block reused for a second scene."""

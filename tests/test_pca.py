@@ -256,3 +256,73 @@ def test_bench_codecs_reports_size_and_fidelity_of_each_codec(synth_cache, tmp_p
     for k in (16, 64):
         assert rows[("pca-int8", k)]["cosine_held_out"]["mean"] <= rows[("pca-int8", k)]["cosine"]["mean"] + 1e-3
     assert "pca-int8 K=64" in result.output
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_the_batched_path_projects_on_its_device_what_the_host_projects(synth_root, pca_cache, tmp_path, processes,
+                                                                         monkeypatch):
+    """A later run into a pca-int8 store: the batched path (on a GPU, here on CPU torch) hands
+    write_scene (M, K) int8 codes and the scene's pca_cosine stats, where the per-scene path hands
+    float features that write_scene projects; the stores agree to one code step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tttkd.pipeline import batched
+    from tttkd.pipeline.batched import extract_scenes, process_pool
+    from tttkd.pipeline.extract import PrepConfig, extract_scene
+    from tttkd.pipeline.scannet import ScanNetReader
+    from tttkd.pipeline.teacher import load_teacher
+
+    original, projected = batched.pca_codes, []
+    monkeypatch.setattr(batched, "pca_codes", lambda f, b: projected.append(b.shape) or original(f, b))
+    source = FeatureCache(pca_cache)
+    config = PrepConfig(dataset="scannet", root=synth_root, teacher="efficientnet_lite0", batch_size=4,
+                        feature_codec="pca-int8", pca_dims=64)
+    stores = {path: tmp_path / f"{path}.zarr" for path in ("per_scene", "batched")}
+    for store in stores.values():
+        open_for_writing(store, source.provenance, basis=source.basis)
+    reader, teacher = ScanNetReader(synth_root), load_teacher("efficientnet_lite0", device="cpu")
+    ids = ["scene0000_00", "scene0001_00"]
+    for scene_id in ids:
+        assert extract_scene(reader, scene_id, teacher=teacher, config=config, store=stores["per_scene"],
+                             split=None).status == "done"
+    pool, writers = (process_pool(1), process_pool(1)) if processes else (ThreadPoolExecutor(2), 2)
+    with pool:
+        results = list(extract_scenes(reader, ids, teacher=teacher, config=config, store=stores["batched"],
+                                      split=None, pool=pool, writers=writers))
+    if processes:
+        writers.shutdown()
+    assert [r.status for r in results] == ["done", "done"], [r.reason for r in results]
+    assert projected == [(source.provenance["feature_dim"], 64)] * 2  # on the extracting process's device
+    for scene_id in ids:
+        codes = {path: np.rint(zarr.open_array(store / "scenes" / scene_id / "feature", mode="r")[...]
+                               .astype(np.float32) * 127).astype(int) for path, store in stores.items()}
+        assert codes["batched"].shape == codes["per_scene"].shape and codes["batched"].shape[1] == 64
+        # the same codes but where the two matmuls round a coefficient to the other side of a half
+        steps = np.abs(codes["batched"] - codes["per_scene"])
+        assert steps.max() <= 1 and (steps > 0).mean() < 0.01, (steps.max(), (steps > 0).mean())
+        attrs = {path: FeatureCache(store).scene_attrs(scene_id) for path, store in stores.items()}
+        for key in ("pca_cosine_mean", "pca_cosine_min"):
+            assert attrs["batched"][key] == pytest.approx(attrs["per_scene"][key], abs=1e-4)
+    assert [c.problems for c in verify_store(stores["batched"])] == [[]] * 2
+
+
+def test_pca_codes_without_their_stats_or_of_another_width_are_refused(pca_cache, tmp_path):
+    from tttkd.pipeline.cache import write_scene
+    from tttkd.pipeline.scene import Scene
+
+    source = FeatureCache(pca_cache)
+    store = tmp_path / "p.zarr"
+    open_for_writing(store, source.provenance, basis=source.basis)
+    n = 10
+    scene = Scene("scene0000_00", np.zeros((n, 3), np.float32), np.zeros((n, 3), np.uint8),
+                  np.zeros((n, 3), np.float16), np.zeros(n, np.int16))
+    common = dict(seen_index=np.arange(n, dtype=np.int32), view_count=np.ones(n, np.uint16), feature_codec="pca-int8")
+    stats = {"pca_cosine_mean": 0.9, "pca_cosine_min": 0.8}
+    with pytest.raises(ValueError, match="pca-int8 codes need 64 coefficients a point"):
+        write_scene(store, scene, feature=np.zeros((n, 64), np.int8), attrs={}, **common)
+    with pytest.raises(ValueError, match=r"need 64 coefficients a point \(got 32\)"):
+        write_scene(store, scene, feature=np.zeros((n, 32), np.int8), attrs=stats, **common)
+    assert write_scene(store, scene, feature=np.full((n, 64), 5, np.int8), attrs=stats, **common)
+    assert FeatureCache(store).scene_attrs("scene0000_00")["pca_cosine_mean"] == 0.9
+    assert np.array_equal(zarr.open_array(store / "scenes" / "scene0000_00" / "feature", mode="r")[...],
+                          np.full((n, 64), np.float16(5 / 127)))
