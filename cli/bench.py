@@ -39,7 +39,9 @@ def extract(
     image_scale: ScaleOpt = 0.25,
     decoders: Annotated[Optional[int], typer.Option(help="decoding processes (default: CPU cores - 1)")] = None,
     writers: Annotated[Optional[int], typer.Option(help="processes writing scenes (default: CPU cores / 2)")] = None,
-    feature_codec: Annotated[str, typer.Option(help="fp16 or int8 (int8: codes made on the GPU)")] = "fp16",
+    feature_codec: Annotated[str, typer.Option(
+        help="fp16, int8 or pca-int8 (codes made on the GPU; pca-int8 in a basis fitted on the first scene)")] = "fp16",
+    pca_dims: Annotated[Optional[int], typer.Option(help="pca-int8: coefficients per point (default 256)")] = None,
     write: Annotated[bool, typer.Option(help="--no-write: everything but the zarr write, to see what it costs")] = True,
     repeats: Annotated[int, typer.Option(help="timed repeats of the model-only batch")] = 10,
     profile: Annotated[int, typer.Option(
@@ -64,9 +66,14 @@ def extract(
         assert all(len(p) == 2 for p in sizes + loads)
     except (ValueError, AssertionError):
         fail("--workloads takes VIEWSxPOINTS and --image-sizes WxH items, comma-separated (e.g. 16x150000, 1296x968)")
-    if feature_codec not in ("fp16", "int8"):
-        fail(f"--feature-codec {feature_codec}: bench extract writes fp16 or int8 (pca-int8 needs a basis fitted on "
-             "extracted features: `tttkd bench codecs` measures it on a store)")
+    from tttkd.pipeline.cache import FEATURE_CODECS
+    from tttkd.pipeline.pca import DEFAULT_PCA_DIMS
+
+    if feature_codec not in FEATURE_CODECS:
+        fail(f"--feature-codec {feature_codec}: choose one of {', '.join(FEATURE_CODECS)}")
+    if pca_dims is not None and feature_codec != "pca-int8":
+        fail(f"--pca-dims applies to --feature-codec pca-int8 only, not {feature_codec}")
+    pca_dims = (pca_dims or DEFAULT_PCA_DIMS) if feature_codec == "pca-int8" else None
     decoders = decoders if decoders is not None else max(1, (os.cpu_count() or 2) - 1)
     writers = writers if writers is not None else max(1, (os.cpu_count() or 2) // 2)
     rows = []
@@ -84,7 +91,7 @@ def extract(
                 console.print(f"generating {scenes} rooms of {workload.name} in {folder} ...")
                 ids = make_workload(folder, workload, unique=scenes, copies=copies, rendered=rendered)
             config = default_bench_config(root if workload is None else folder, model, weights=weights, batch_size=batch_size, image_scale=image_scale,
-                                          feature_codec=feature_codec)
+                                          feature_codec=feature_codec, pca_dims=pca_dims)
             try:
                 result = bench_extract(config, scene_ids=ids, device=device, decoders=decoders, repeats=repeats,
                                        store_dir=case_dir, write=write, writers=writers, profile_scenes=profile)

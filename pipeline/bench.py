@@ -137,11 +137,11 @@ def time_teacher(teacher, pixels: torch.Tensor, *, repeats: int, warmup: int) ->
 
 
 def host_costs(reader, scene_id: str, *, config: PrepConfig, teacher, store: Path, scratch: Path,
-               views: int = 16) -> dict:
+               views: int = 16, basis: np.ndarray | None = None) -> dict:
     """The host's own work per image, timed serially on one core after the run: decoding a view
     (the colour image at teacher scale and the depth image) and writing one scene as the run's
-    writing processes store it (for int8: codes, as a GPU run hands them over), per view of that
-    scene. `host_bound_images_per_s` is what all of the process's cores could sustain doing only
+    writing processes store it (int8 and pca-int8: codes, as a GPU run hands them over), per view
+    of that scene. `host_bound_images_per_s` is what all of the process's cores could sustain doing only
     this, with nothing left for the process that feeds the GPU: an upper bound on end to end."""
     scene_views = reader.read_views(scene_id).views
     timed = [scene_views[i % len(scene_views)] for i in range(views)]
@@ -153,16 +153,18 @@ def host_costs(reader, scene_id: str, *, config: PrepConfig, teacher, store: Pat
     stored = cache.FeatureCache(store)
     written = stored.read(scene_id)
     num_views = stored.scene_attrs(scene_id)["num_views"]
-    feature = written.feature
-    if config.feature_codec == "int8":
-        feature = np.rint(feature.astype(np.float32) * 127).astype(np.int8)  # the stored codes exactly
+    feature, attrs = written.feature, {}
+    if config.feature_codec in ("int8", "pca-int8"):  # the stored codes exactly (raw coefficients for pca-int8)
+        feature = np.rint(stored.root["scenes"][scene_id]["feature"][...].astype(np.float32) * 127).astype(np.int8)
+        attrs = {k: v for k, v in stored.scene_attrs(scene_id).items() if k.startswith("pca_cosine")}
     scene = Scene(scene_id, written.coord, written.color, written.normal, written.label)
-    cache.open_for_writing(scratch, stored.provenance)
+    cache.open_for_writing(scratch, stored.provenance, basis=basis)
     write_s = []
     for copy in range(2):  # the faster of two: the first one also creates the store's scene folders
         start = time.perf_counter()
         cache.write_scene(scratch, replace(scene, scene_id=f"{scene_id}_{copy}"), seen_index=written.seen_index,
-                          feature=feature, view_count=written.view_count, attrs={}, feature_codec=config.feature_codec)
+                          feature=feature, view_count=written.view_count, attrs=attrs,
+                          feature_codec=config.feature_codec)
         write_s.append(time.perf_counter() - start)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     per_image = decode_s + min(write_s) / num_views
@@ -195,12 +197,21 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, deco
     record = provenance(config, feature_dim=teacher.feature_dim, stride=teacher.stride, weights_sha256=digest,
                         code_version="bench", class_names=reader.class_names)
     with process_pool(decoders) as pool, process_pool(writers) as writing:
+        basis = None
+        if config.feature_codec == "pca-int8":  # a basis for timing: fitted on the first scene's fp16 features
+            from .pca import fit_basis
+
+            fitted = store_dir / "basis.zarr"
+            cache.open_for_writing(fitted, {**record, "feature_codec": "fp16", "pca_dims": None})
+            list(extract_scenes(reader, scene_ids[:1], teacher=teacher, config=replace(config, feature_codec="fp16"),
+                                store=fitted, split=None, pool=pool, writers=writing))
+            basis = fit_basis(cache.FeatureCache(fitted), dims=config.pca_dims)
         warm = store_dir / "warmup.zarr"
-        cache.open_for_writing(warm, record)
+        cache.open_for_writing(warm, record, basis=basis)
         list(extract_scenes(reader, scene_ids[:1], teacher=teacher, config=config, store=warm, split=None, pool=pool,
                             writers=writing))
         store = store_dir / "bench.zarr"
-        cache.open_for_writing(store, record)
+        cache.open_for_writing(store, record, basis=basis)
         sync(teacher.device)
         timings: dict = {}
         start = time.perf_counter()
@@ -210,7 +221,7 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, deco
         profiled, again_results = None, []
         if profile_scenes > 0:
             again = store_dir / "profile.zarr"
-            cache.open_for_writing(again, record)
+            cache.open_for_writing(again, record, basis=basis)
             profiled = profile_run(lambda: again_results.extend(extract_scenes(
                 reader, scene_ids[:profile_scenes], teacher=teacher, config=config, store=again, split=None,
                 pool=pool, writers=writing, write=write)), teacher.device)
@@ -218,7 +229,8 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, deco
     failed = {r.scene_id: r.reason for r in results + again_results if r.status != "done"}
     if failed:
         raise RuntimeError(f"benchmark scenes failed: {failed}")
-    host = host_costs(reader, scene_ids[0], config=config, teacher=teacher, store=warm, scratch=store_dir / "host.zarr")
+    host = host_costs(reader, scene_ids[0], config=config, teacher=teacher, store=warm, scratch=store_dir / "host.zarr",
+                      basis=basis)
     num_images = sum(r.num_views for r in results)
     model_rate = config.batch_size / model_seconds
     e2e_rate = num_images / e2e_seconds

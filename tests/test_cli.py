@@ -97,12 +97,26 @@ def test_bench_extract_prints_both_throughputs(tmp_path):
     assert record["profile"] is None  # only when asked
 
 
-def test_bench_extract_refuses_a_codec_it_cannot_write_before_any_work(tmp_path):
-    result = runner.invoke(tttkd_app, ["bench", "extract", "--device", "cpu", "--feature-codec", "pca-int8",
-                                       "--data", str(tmp_path / "data"), "--out", str(tmp_path / "b.json")])
-    assert result.exit_code == 1
-    assert "--feature-codec pca-int8: bench extract writes fp16 or int8" in result.output
+def test_bench_extract_refuses_a_codec_it_does_not_know_before_any_work(tmp_path):
+    for options, message in ((["--feature-codec", "int4"], "--feature-codec int4: choose one of fp16, int8, pca-int8"),
+                             (["--pca-dims", "16"], "--pca-dims applies to --feature-codec pca-int8 only")):
+        result = runner.invoke(tttkd_app, ["bench", "extract", "--device", "cpu", *options,
+                                           "--data", str(tmp_path / "data"), "--out", str(tmp_path / "b.json")])
+        assert result.exit_code == 1 and message in result.output, result.output
     assert not (tmp_path / "data").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_bench_extract_times_pca_int8_in_a_basis_fitted_on_the_first_scene(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(tttkd_app, ["bench", "extract", "--scenes", "1", "--device", "cpu", "--repeats", "1",
+                                       "--batch-size", "2", "--feature-codec", "pca-int8", "--pca-dims", "16",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["feature_codec"] == "pca-int8" and record["end_to_end_images_per_s"] > 0
+    # 16 one-byte coefficients a point, zstd-compressed, beside the points' own arrays
+    assert record["store_bytes"] < record["end_to_end_points"] * 40
+    assert record["host"]["write_s_per_scene"] > 0 and "(pca-int8)" in result.output
 
 
 def test_bench_extract_profiles_scenes_again_when_asked(tmp_path):
