@@ -100,6 +100,9 @@ def extract(
     feature_codec: Annotated[str, typer.Option(help="how features are stored: fp16, int8 (1 byte a component) or "
                                                "pca-int8 (1 byte per coefficient in a fitted basis)")] = "fp16",
     pca_dims: Annotated[Optional[int], typer.Option(help="pca-int8: coefficients per point (default 256)")] = None,
+    basis_scenes: Annotated[Optional[int], typer.Option(
+        help="pca-int8, a new store: fit the basis on a seeded sample of N of the run's scenes (staged in fp16) and "
+             "extract the rest straight into it (default: stage and fit on all of them)")] = None,
     depth_tolerance: Annotated[float, typer.Option(help="visibility: relative depth agreement (OpenScene: 0.25)")] = 0.005,
     depth_tolerance_m: Annotated[float, typer.Option(help="visibility: absolute depth agreement in metres (OpenScene: 0)")] = 0.02,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list scenes, their points and usable images; "
@@ -122,15 +125,18 @@ def extract(
     scene_ids = [s.strip() for value in scenes for s in value.split(",") if s.strip()] if scenes else None
     if split is None and not scene_ids:
         fail("give --split NAME (the scenes of the dataset's split list) or --scenes ID,ID,... (scenes of no split)")
+    if basis_scenes is not None and (feature_codec != "pca-int8" or basis_scenes < 1):
+        fail(f"--basis-scenes {basis_scenes}: a number of scenes (1 or more) for --feature-codec pca-int8")
     if dry_run:
         _dry_run(config, scene_ids=scene_ids, split=split)
         return
     try:
         from tttkd.pipeline.pca import extract_pca  # pca-int8: a new store stages fp16 features first
 
+        pca = {"basis_scenes": basis_scenes} if feature_codec == "pca-int8" else {}
         report = (extract_pca if feature_codec == "pca-int8" else run_extraction)(
             config, out=out, scene_ids=scene_ids, split=split, workers=workers, scheduler=scheduler, device=device,
-            gpus=gpus)
+            gpus=gpus, **pca)
     except (OSError, ValueError) as e:
         fail(str(e))
     console.print(f"{len(report.done)} scenes extracted, {len(report.skipped)} already complete, "

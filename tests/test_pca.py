@@ -326,3 +326,30 @@ def test_pca_codes_without_their_stats_or_of_another_width_are_refused(pca_cache
     assert FeatureCache(store).scene_attrs("scene0000_00")["pca_cosine_mean"] == 0.9
     assert np.array_equal(zarr.open_array(store / "scenes" / "scene0000_00" / "feature", mode="r")[...],
                           np.full((n, 64), np.float16(5 / 127)))
+
+
+def test_a_new_store_can_fit_on_a_sample_and_take_the_rest_straight_into_the_basis(synth_root, synth_cache, tmp_path):
+    from tttkd.pipeline.bench import _OtherScenes
+
+    out = tmp_path / "p.zarr"
+    result = runner.invoke(app, ["extract", "--dataset", "scannet", "--root", str(synth_root), "--model",
+                                 "efficientnet_lite0", "--out", str(out), "--device", "cpu", "--batch-size", "4",
+                                 "--feature-codec", "pca-int8", "--pca-dims", "16", "--basis-scenes", "2",
+                                 "--scenes", "scene0000_00,scene0001_00,scene0002_00"])
+    assert result.exit_code == 0, result.output
+    assert "3 scenes extracted" in result.output and not (tmp_path / "p.zarr.fp16-staging").exists()
+    cache = FeatureCache(out)
+    sample = cache.root.attrs["pca_basis_scenes"]
+    assert len(sample) == 2 and cache.scene_ids() == ["scene0000_00", "scene0001_00", "scene0002_00"]
+    # the basis is the one fitted on the sample's fp16 features alone
+    (left_out,) = set(cache.scene_ids()) - set(sample)
+    alone = fit_basis(_OtherScenes(FeatureCache(synth_cache), without={left_out}), dims=16, seed=0)
+    np.testing.assert_allclose(cache.basis, alone, atol=1e-5)
+    # the scene the basis has not seen keeps less of itself than the ones it was fitted on, and says so
+    kept = {s: cache.scene_attrs(s)["pca_cosine_mean"] for s in cache.scene_ids()}
+    assert kept[left_out] < min(kept[s] for s in sample)
+    assert all(c.ok for c in verify_store(out))
+    refused = runner.invoke(app, ["extract", "--dataset", "scannet", "--root", str(synth_root), "--out",
+                                  str(tmp_path / "x.zarr"), "--scenes", "scene0000_00", "--basis-scenes", "2"])
+    assert refused.exit_code != 0 and "--basis-scenes 2: a number of scenes (1 or more) for --feature-codec pca-int8" \
+        in refused.output
