@@ -73,6 +73,8 @@ def extract(
         fail(f"--feature-codec {feature_codec}: choose one of {', '.join(FEATURE_CODECS)}")
     if pca_dims is not None and feature_codec != "pca-int8":
         fail(f"--pca-dims applies to --feature-codec pca-int8 only, not {feature_codec}")
+    if pca_dims is not None and pca_dims < 1:
+        fail(f"--pca-dims {pca_dims}: coefficients per point, 1 or more")
     pca_dims = (pca_dims or DEFAULT_PCA_DIMS) if feature_codec == "pca-int8" else None
     decoders = decoders if decoders is not None else max(1, (os.cpu_count() or 2) - 1)
     writers = writers if writers is not None else max(1, (os.cpu_count() or 2) // 2)

@@ -350,7 +350,7 @@ def pca_codes(feature: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor,
     coefficients = feature @ basis
     norm = feature.norm(dim=1)
     kept = coefficients.norm(dim=1)[norm > 0] / norm[norm > 0]
-    stats = torch.stack([kept.mean(), kept.min()]).tolist() if len(kept) else [1.0, 1.0]  # one read-back
+    stats = torch.stack([kept.mean(), kept.min()]).tolist() if len(kept) else [1.0, 1.0]  # in a writer thread
     return int8_codes(coefficients), {"pca_cosine_mean": stats[0], "pca_cosine_min": stats[1]}
 
 

@@ -154,8 +154,8 @@ def host_costs(reader, scene_id: str, *, config: PrepConfig, teacher, store: Pat
     written = stored.read(scene_id)
     num_views = stored.scene_attrs(scene_id)["num_views"]
     feature, attrs = written.feature, {}
-    if config.feature_codec in ("int8", "pca-int8"):  # the stored codes exactly (raw coefficients for pca-int8)
-        feature = np.rint(stored.root["scenes"][scene_id]["feature"][...].astype(np.float32) * 127).astype(np.int8)
+    if config.feature_codec in ("int8", "pca-int8"):  # q / 127 as read (pca-int8: coefficients): the codes exactly
+        feature = np.rint(feature.astype(np.float32) * 127).astype(np.int8)
         attrs = {k: v for k, v in stored.scene_attrs(scene_id).items() if k.startswith("pca_cosine")}
     scene = Scene(scene_id, written.coord, written.color, written.normal, written.label)
     cache.open_for_writing(scratch, stored.provenance, basis=basis)
@@ -203,8 +203,10 @@ def bench_extract(config: PrepConfig, *, scene_ids: list[str], device: str, deco
 
             fitted = store_dir / "basis.zarr"
             cache.open_for_writing(fitted, {**record, "feature_codec": "fp16", "pca_dims": None})
-            list(extract_scenes(reader, scene_ids[:1], teacher=teacher, config=replace(config, feature_codec="fp16"),
-                                store=fitted, split=None, pool=pool, writers=writing))
+            first = list(extract_scenes(reader, scene_ids[:1], teacher=teacher, store=fitted, split=None, pool=pool,
+                                        config=replace(config, feature_codec="fp16"), writers=writing))
+            if first[0].status != "done":
+                raise RuntimeError(f"the scene to fit a pca basis on failed: {first[0].scene_id}: {first[0].reason}")
             basis = fit_basis(cache.FeatureCache(fitted), dims=config.pca_dims)
         warm = store_dir / "warmup.zarr"
         cache.open_for_writing(warm, record, basis=basis)

@@ -223,7 +223,7 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
             if cluster is not None:
                 cluster.close()
     report.seconds = time.perf_counter() - start
-    _record_run(out, report)
+    record_run(out, report)
     return report
 
 
@@ -266,6 +266,6 @@ def _count(result: SceneResult, report: ExtractReport, bar) -> None:
         bar.console.print(f"[red]failed[/red] {result.scene_id}: {result.reason}")
 
 
-def _record_run(out: Path, report: ExtractReport) -> None:
+def record_run(out: Path, report: ExtractReport) -> None:
     """Keep the last run's outcome in the root attributes (only clients write them, under the root lock)."""
     cache.set_root_attribute(out, "last_run", {**asdict(report), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

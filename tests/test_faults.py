@@ -195,14 +195,14 @@ ROOT_WRITER = """
 import sys, time
 from pathlib import Path
 from tttkd.pipeline import cache
-from tttkd.pipeline.job import ExtractReport, _record_run
+from tttkd.pipeline.job import ExtractReport, record_run
 
 store, me = Path(sys.argv[1]), sys.argv[2]
 while not (store.parent / "go").exists():
     time.sleep(0.001)
 for k in range(15):
     cache.open_for_writing(store, {"teacher": "t", "feature_dim": 4}, split=f"{me}_{k}")
-    _record_run(store, ExtractReport(store=str(store), done=[f"{me}_{k}"]))
+    record_run(store, ExtractReport(store=str(store), done=[f"{me}_{k}"]))
 """
 
 

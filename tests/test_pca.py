@@ -341,6 +341,7 @@ def test_a_new_store_can_fit_on_a_sample_and_take_the_rest_straight_into_the_bas
     cache = FeatureCache(out)
     sample = cache.root.attrs["pca_basis_scenes"]
     assert len(sample) == 2 and cache.scene_ids() == ["scene0000_00", "scene0001_00", "scene0002_00"]
+    assert sorted(cache.root.attrs["last_run"]["done"]) == cache.scene_ids()  # the whole run, both parts
     # the basis is the one fitted on the sample's fp16 features alone
     (left_out,) = set(cache.scene_ids()) - set(sample)
     alone = fit_basis(_OtherScenes(FeatureCache(synth_cache), without={left_out}), dims=16, seed=0)
