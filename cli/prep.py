@@ -274,6 +274,8 @@ def _print_info(store: Path, *, as_json: bool = False) -> None:
                 "pca_dims", "pca_cosine_mean", "pca_cosine_min"):
         value = summary[key]
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    if summary["pca_basis_scenes"]:
+        table.add_row("pca_basis_scenes", f"{len(summary['pca_basis_scenes'])} (the basis was fitted on these only)")
     for key, value in summary["provenance"].items():
         table.add_row(f"provenance.{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     console.print(table)

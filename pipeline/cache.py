@@ -498,6 +498,7 @@ def summarize(path: Path) -> dict:
         "pca_dims": provenance.get("pca_dims"),
         "pca_cosine_mean": sum(n * m for n, m, _ in kept) / max(1, sum(n for n, _, _ in kept)) if kept else None,
         "pca_cosine_min": min(low for _, _, low in kept) if kept else None,
+        "pca_basis_scenes": cache.root.attrs.get("pca_basis_scenes"),  # None: fitted on every scene of its first run
         "provenance": provenance,
         "last_run": cache.root.attrs.get("last_run"),
     }

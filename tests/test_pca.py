@@ -2,6 +2,7 @@
 verify, and the refusals of a store or targets of another codec."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -350,6 +351,7 @@ def test_a_new_store_can_fit_on_a_sample_and_take_the_rest_straight_into_the_bas
     kept = {s: cache.scene_attrs(s)["pca_cosine_mean"] for s in cache.scene_ids()}
     assert kept[left_out] < min(kept[s] for s in sample)
     assert all(c.ok for c in verify_store(out))
+    assert re.search(r"pca_basis_scenes +│ 2 \(the basis was fitted on these only\)", result.output)  # info
     refused = runner.invoke(app, ["extract", "--dataset", "scannet", "--root", str(synth_root), "--out",
                                   str(tmp_path / "x.zarr"), "--scenes", "scene0000_00", "--basis-scenes", "2"])
     assert refused.exit_code != 0 and "--basis-scenes 2: a number of scenes (1 or more) for --feature-codec pca-int8" \
