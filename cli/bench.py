@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .options import DeviceOpt, ScaleOpt, TeacherOpt, WeightsOpt, fail
+from .options import DeviceOpt, PcaDimsOpt, ScaleOpt, TeacherOpt, WeightsOpt, fail, pca_dims_for
 
 app = typer.Typer(help="Benchmarks: print a table and write a JSON result.", no_args_is_help=True)
 console = Console()
@@ -41,7 +41,7 @@ def extract(
     writers: Annotated[Optional[int], typer.Option(help="processes writing scenes (default: CPU cores / 2)")] = None,
     feature_codec: Annotated[str, typer.Option(
         help="fp16, int8 or pca-int8 (codes made on the GPU; pca-int8 in a basis fitted on the first scene)")] = "fp16",
-    pca_dims: Annotated[Optional[int], typer.Option(help="pca-int8: coefficients per point (default 256)")] = None,
+    pca_dims: PcaDimsOpt = None,
     write: Annotated[bool, typer.Option(help="--no-write: everything but the zarr write, to see what it costs")] = True,
     repeats: Annotated[int, typer.Option(help="timed repeats of the model-only batch")] = 10,
     profile: Annotated[int, typer.Option(
@@ -67,15 +67,12 @@ def extract(
     except (ValueError, AssertionError):
         fail("--workloads takes VIEWSxPOINTS and --image-sizes WxH items, comma-separated (e.g. 16x150000, 1296x968)")
     from tttkd.pipeline.cache import FEATURE_CODECS
-    from tttkd.pipeline.pca import DEFAULT_PCA_DIMS
 
     if feature_codec not in FEATURE_CODECS:
         fail(f"--feature-codec {feature_codec}: choose one of {', '.join(FEATURE_CODECS)}")
-    if pca_dims is not None and feature_codec != "pca-int8":
-        fail(f"--pca-dims applies to --feature-codec pca-int8 only, not {feature_codec}")
-    if pca_dims is not None and pca_dims < 1:
+    if pca_dims is not None and pca_dims < 1 and feature_codec == "pca-int8":
         fail(f"--pca-dims {pca_dims}: coefficients per point, 1 or more")
-    pca_dims = (pca_dims or DEFAULT_PCA_DIMS) if feature_codec == "pca-int8" else None
+    pca_dims = pca_dims_for(feature_codec, pca_dims)
     decoders = decoders if decoders is not None else max(1, (os.cpu_count() or 2) - 1)
     writers = writers if writers is not None else max(1, (os.cpu_count() or 2) // 2)
     rows = []

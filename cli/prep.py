@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .options import DeviceOpt, ScaleOpt, SingleValueGroup, TeacherOpt, WeightsOpt, fail
+from .options import DeviceOpt, PcaDimsOpt, ScaleOpt, SingleValueGroup, TeacherOpt, WeightsOpt, fail, pca_dims_for
 
 app = typer.Typer(help="Build TTT-KD feature caches: 2D teacher features projected onto 3D points.",
                   no_args_is_help=True, add_completion=False, cls=SingleValueGroup)
@@ -99,7 +99,7 @@ def extract(
     images_root: Annotated[Optional[Path], typer.Option(help="s3dis: the 2D-3D-S folder holding area_* (default ROOT)")] = None,
     feature_codec: Annotated[str, typer.Option(help="how features are stored: fp16, int8 (1 byte a component) or "
                                                "pca-int8 (1 byte per coefficient in a fitted basis)")] = "fp16",
-    pca_dims: Annotated[Optional[int], typer.Option(help="pca-int8: coefficients per point (default 256)")] = None,
+    pca_dims: PcaDimsOpt = None,
     basis_scenes: Annotated[Optional[int], typer.Option(
         help="pca-int8, a new store: fit the basis on a seeded sample of N of the run's scenes (staged in fp16) and "
              "extract the rest straight into it (default: stage and fit on all of them)")] = None,
@@ -119,7 +119,7 @@ def extract(
     reader_options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
     config = PrepConfig(dataset=dataset, root=root, teacher=model, weights=weights, image_scale=image_scale,
                         max_views=max_views, batch_size=batch_size, reader_options=reader_options,
-                        feature_codec=feature_codec, pca_dims=_pca_dims(feature_codec, pca_dims),
+                        feature_codec=feature_codec, pca_dims=pca_dims_for(feature_codec, pca_dims),
                         projection=ProjectionConfig(depth_tolerance=depth_tolerance, depth_tolerance_m=depth_tolerance_m))
     out = out or Path("zarr") / dataset
     scene_ids = [s.strip() for value in scenes for s in value.split(",") if s.strip()] if scenes else None
@@ -146,14 +146,6 @@ def extract(
     _print_info(out)
     if report.failed:
         raise typer.Exit(1)
-
-
-def _pca_dims(feature_codec: str, pca_dims: int | None) -> int | None:
-    from tttkd.pipeline.pca import DEFAULT_PCA_DIMS
-
-    if feature_codec != "pca-int8" and pca_dims is not None:
-        fail(f"--pca-dims applies to --feature-codec pca-int8 only, not {feature_codec}")
-    return (pca_dims or DEFAULT_PCA_DIMS) if feature_codec == "pca-int8" else None
 
 
 def _dry_run(config, *, scene_ids: list[str] | None, split: str | None) -> None:
@@ -230,7 +222,7 @@ def recode(
     source: Annotated[Path, typer.Argument(help="feature cache to read")],
     destination: Annotated[Path, typer.Argument(help="new feature cache to write")],
     feature_codec: Annotated[str, typer.Option(help="fp16, int8 or pca-int8")] = "int8",
-    pca_dims: Annotated[Optional[int], typer.Option(help="pca-int8: coefficients per point (default 256)")] = None,
+    pca_dims: PcaDimsOpt = None,
 ):
     """Copy a cache into one with another feature codec, without running the teacher again."""
     from rich.progress import Progress
@@ -241,7 +233,7 @@ def recode(
         total = len(FeatureCache(source).scene_ids())
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("recoding scenes", total=total)
-            written = run(source, destination, feature_codec=feature_codec, pca_dims=_pca_dims(feature_codec, pca_dims),
+            written = run(source, destination, feature_codec=feature_codec, pca_dims=pca_dims_for(feature_codec, pca_dims),
                           progress=lambda _: bar.advance(task))
     except (OSError, CacheError, ValueError) as e:
         fail(str(e))

@@ -153,9 +153,10 @@ def extract_pca(config, *, out: Path, scene_ids: list[str] | None = None, split:
                             split=split, **run)
     if report.done or report.skipped:
         recode(staging, out, feature_codec="pca-int8", pca_dims=config.pca_dims, seed=config.seed)
-        set_root_attribute(out, "last_run", FeatureCache(staging).root.attrs.get("last_run"))
+        staged = FeatureCache(staging)
+        set_root_attribute(out, "last_run", staged.root.attrs.get("last_run"))
         if rest:
-            set_root_attribute(out, "pca_basis_scenes", FeatureCache(staging).scene_ids())
+            set_root_attribute(out, "pca_basis_scenes", staged.scene_ids())
     if not report.failed:
         shutil.rmtree(staging)
     report.store = str(out)
