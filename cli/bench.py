@@ -402,14 +402,19 @@ def ablation(
     out: Annotated[Path, typer.Option(help="folder for ablation.md, ablation.json, ablation_<family>.png")] =
         Path("ablation"),
     rows: Annotated[str, typer.Option(help="rows to compare, comma-separated")] = "Joint-Train,TTT-KD",
+    steps: Annotated[str, typer.Option(help="also each row after these TTT steps, comma-separated (e.g. 10)")] = "",
 ):
     """Suite runs that differ in one setting side by side: mIoU (mean ± std over seeds) against views
     per scene (paper Fig. 4b) or against the teacher, per family, as a table and plots."""
     from tttkd.ablation import write_ablation
 
     try:
+        after = tuple(int(s) for s in steps.split(",") if s.strip())
+    except ValueError:
+        fail(f"--steps {steps!r}: expected whole numbers of TTT steps, comma-separated (e.g. 10,25)")
+    try:
         table = write_ablation([Path(r.strip()) for r in runs.split(",") if r.strip()], out,
-                               rows=tuple(r.strip() for r in rows.split(",") if r.strip()))
+                               rows=tuple(r.strip() for r in rows.split(",") if r.strip()), steps=after)
     except (OSError, ValueError) as e:
         fail(str(e))
     console.print((out / "ablation.md").read_text())

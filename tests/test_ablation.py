@@ -10,12 +10,12 @@ from tttkd.ablation import ablation_table, write_ablation
 from tttkd.cli.main import app
 
 
-def results(path, *, max_views=None, teacher="efficientnet_lite0", ttt=20.0, lr=1.0):
+def results(path, *, max_views=None, teacher="efficientnet_lite0", ttt=20.0, lr=1.0, by_step=None):
     """A suite results.json as write_summary writes it (only what the ablation reads)."""
     protocol = {"scenes": 32, "views": 8, "max_views": max_views, "teacher": teacher, "adapt": {"lr": lr},
                 "setting": "indoor"}
-    entry = lambda mean: {"mean": mean, "std": 1.5, "n": 3, "seeds": [0, 1, 2], "by_step": {}}
-    table = {"Joint-Train": {"sensor": entry(10.0), "all": entry(12.0)}, "TTT-KD": {"sensor": entry(ttt)}}
+    entry = lambda mean, curve=None: {"mean": mean, "std": 1.5, "n": 3, "seeds": [0, 1, 2], "by_step": curve or {}}
+    table = {"Joint-Train": {"sensor": entry(10.0), "all": entry(12.0)}, "TTT-KD": {"sensor": entry(ttt, by_step)}}
     path.mkdir(parents=True)
     (path / "results.json").write_text(json.dumps({"protocol": protocol, "table": table}))
     return path
@@ -29,10 +29,26 @@ def test_views_ablation_orders_the_values_and_keeps_each_runs_numbers(tmp_path):
     assert [e["mean"] for e in table["cells"]["TTT-KD"]["sensor"]] == [15.0, 22.0, 25.0]
     assert table["cells"]["TTT-KD"]["all"] == [None, None, None] and table["families"] == ["sensor", "all"]
     text = (tmp_path / "out" / "ablation.md").read_text()
-    assert "| row | 2 | 10 | all |" in text and "| TTT-KD | 15.0 ± 1.5 (n=3) | 22.0 ± 1.5 (n=3) | 25.0 ± 1.5 (n=3) |" in text
+    assert "| row | 2 | 10 | all (8) |" in text and "| TTT-KD | 15.0 ± 1.5 (n=3) | 22.0 ± 1.5 (n=3) | 25.0 ± 1.5 (n=3) |" in text
     assert table["plots"] == ["ablation_sensor.png", "ablation_all.png"]
     assert (tmp_path / "out" / "ablation_sensor.png").stat().st_size > 5_000
     assert json.loads((tmp_path / "out" / "ablation.json").read_text())["runs"][0].endswith("v2")
+
+
+def test_steps_add_each_row_after_that_many_steps_from_its_curve(tmp_path):
+    curve = lambda at10: {"0": [10.0, 0.0], "10": [at10, 2.0], "100": [at10 - 5, 3.0]}  # string keys, as read back
+    runs = [results(tmp_path / "all", ttt=25.0, by_step=curve(30.0)),
+            results(tmp_path / "v2", max_views=2, ttt=15.0, by_step=curve(18.0)),
+            results(tmp_path / "v4", max_views=4, ttt=17.0)]  # a run scored at the last step only
+    table = write_ablation(runs, tmp_path / "out", steps=(10, 7))
+    after = table["cells"]["TTT-KD after 10 steps"]["sensor"]
+    assert [e and (e["mean"], e["std"], e["n"]) for e in after] == [(18.0, 2.0, 3), None, (30.0, 2.0, 3)]
+    # no row has a curve scored at step 7, and Joint-Train has none at all: no rows for them
+    assert set(table["cells"]) == {"Joint-Train", "TTT-KD", "TTT-KD after 10 steps"}
+    assert "| TTT-KD after 10 steps | 18.0 ± 2.0 (n=3) | - | 30.0 ± 2.0 (n=3) |" in (tmp_path / "out" / "ablation.md").read_text()
+    result = CliRunner().invoke(app, ["bench", "ablation", "--runs", ",".join(str(r) for r in runs), "--steps", "ten",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "--steps 'ten': expected whole numbers" in result.output
 
 
 def test_runs_that_differ_in_more_or_other_than_one_setting_are_refused(tmp_path):

@@ -51,19 +51,39 @@ def _order(value):
     return (value is None, value if isinstance(value, (int, float)) else 0, str(value))
 
 
-def ablation_table(runs: list[dict], names: list[str], *, rows: tuple[str, ...]) -> dict:
-    """{"setting", "values", "families", "cells": {row: {family: [entry or None per value]}}}."""
+def after_steps(entry: dict | None, step: int) -> dict | None:
+    """A row's mIoU after `step` TTT steps from its per-step curve ("by_step": {step: [mean, std]};
+    keys are strings once read back from JSON), as an entry like the final one; None if not scored."""
+    by_step = (entry or {}).get("by_step") or {}
+    value = by_step.get(str(step), by_step.get(step))
+    return None if value is None else {"mean": value[0], "std": value[1], "n": entry["n"]}
+
+
+def ablation_table(runs: list[dict], names: list[str], *, rows: tuple[str, ...], steps: tuple[int, ...] = ()) -> dict:
+    """{"setting", "values", "families", "cells": {row: {family: [entry or None per value]}}}.
+
+    `steps`: also each adapting row after that many TTT steps ("TTT-KD after 10 steps"), where its
+    runs scored it then (TTT-KD peaks early at the paper's lr: the final step alone hides that)."""
     setting = varied_setting(runs, names)
     order = sorted(range(len(runs)), key=lambda i: _order(runs[i]["protocol"][setting]))
     runs = [runs[i] for i in order]
     families = [f for f in dict.fromkeys(f for run in runs for row in rows for f in run["table"].get(row, {}))]
     cells = {row: {f: [run["table"].get(row, {}).get(f) for run in runs] for f in families} for row in rows}
+    for step in steps:
+        for row in rows:
+            curve = {f: [after_steps(run["table"].get(row, {}).get(f), step) for run in runs] for f in families}
+            if any(any(entries) for entries in curve.values()):
+                cells[f"{row} after {step} steps"] = curve
     return {"setting": setting, "values": [run["protocol"][setting] for run in runs], "families": families,
+            "views": runs[0]["protocol"].get("views"),
             "runs": [names[i] for i in order], "cells": cells}
 
 
-def label(value) -> str:
-    return "all" if value is None else str(value)
+def label(value, table: dict) -> str:
+    """A value's column name; "all (8)" for no --max-views, with the views the suite renders."""
+    if value is None:
+        return f"all ({table['views']})" if table.get("views") else "all"
+    return str(value)
 
 
 def markdown(table: dict) -> str:
@@ -71,7 +91,7 @@ def markdown(table: dict) -> str:
     lines = []
     for family in table["families"]:
         lines += [f"### {family}: mIoU (%) against the {SETTINGS[table['setting']]}", "",
-                  "| row | " + " | ".join(label(v) for v in table["values"]) + " |",
+                  "| row | " + " | ".join(label(v, table) for v in table["values"]) + " |",
                   "|---|" + "---:|" * len(table["values"])]
         for row, by_family in table["cells"].items():
             entries = by_family.get(family, [])
@@ -100,14 +120,15 @@ def plot(table: dict, family: str, path: Path) -> bool:
         points = [(x, e["mean"], e["std"]) for x, e in zip(xs, entries) if e is not None]
         if not points:
             continue
-        colour, marker = STYLE.get(row, ("black", "o"))
+        base = row.split(" after ")[0]  # "TTT-KD after 10 steps": TTT-KD's colour, dashed
+        colour, marker = STYLE.get(base, ("black", "o"))
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], color=colour,
-                    marker=marker, capsize=3, linewidth=2, label=row)
+                    marker=marker, capsize=3, linewidth=2, label=row, linestyle="--" if base != row else "-")
         drawn = True
     if not drawn:
         plt.close(fig)
         return False
-    ax.set_xticks(xs, [label(v) for v in table["values"]])
+    ax.set_xticks(xs, [label(v, table) for v in table["values"]])
     ax.set_xlabel(SETTINGS[table["setting"]])
     ax.set_ylabel("mIoU (%)")
     ax.set_title(f"shift family: {family}")
@@ -119,10 +140,11 @@ def plot(table: dict, family: str, path: Path) -> bool:
     return True
 
 
-def write_ablation(run_dirs: list[Path], out: Path, *, rows: tuple[str, ...] = ("Joint-Train", "TTT-KD")) -> dict:
+def write_ablation(run_dirs: list[Path], out: Path, *, rows: tuple[str, ...] = ("Joint-Train", "TTT-KD"),
+                   steps: tuple[int, ...] = ()) -> dict:
     """ablation.md, ablation.json and ablation_<family>.png under `out`, from the runs' results."""
     names = [str(p) for p in run_dirs]
-    table = ablation_table([load_run(p) for p in run_dirs], names, rows=rows)
+    table = ablation_table([load_run(p) for p in run_dirs], names, rows=rows, steps=steps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(markdown(table))
