@@ -141,6 +141,8 @@ def extract(
         fail(str(e))
     console.print(f"{len(report.done)} scenes extracted, {len(report.skipped)} already complete, "
                   f"{len(report.failed)} failed; {report.images} images in {report.seconds:.1f} s")
+    if report.timeline:
+        console.print(timeline_text(report.timeline))
     if report.views_skipped:
         console.print(f"views skipped: {report.views_skipped}")
     _print_info(out)
@@ -250,6 +252,21 @@ def info(
     _print_info(store, as_json=as_json)
 
 
+def timeline_text(timeline: dict) -> str:
+    """The fast path's timeline (job.timeline) in a few lines: where the run's seconds went."""
+    lines = [f"time: {timeline['before_workers_s']:.1f} s before the workers (weights hash, store, cluster), "
+             f"{timeline['startup_s']:.1f} s until the first scene (workers' start, teacher, pools), "
+             f"{timeline['extracting_s']:.1f} s extracting ({timeline['extracting_images_per_s']:.0f} images/s), "
+             f"{timeline['closing_s']:.1f} s closing (pools, cluster)"]
+    for name, w in sorted(timeline["workers"].items()):
+        waits = w["waits"]
+        lines.append(f"  worker {name} ({w['device']}): {w['scenes']} scenes in {w['groups']} group(s), set-up "
+                     f"{w['setup_s']:.1f} s, extracting {w['extracting_s']:.1f} s, of which its feeding thread spent "
+                     f"{waits.get('batches', 0):.1f} s on teacher batches, {waits.get('finish', 0):.1f} s handing "
+                     f"scenes to writers, {waits.get('drain', 0):.1f} s on the last writes")
+    return "\n".join(lines)
+
+
 def _print_info(store: Path, *, as_json: bool = False) -> None:
     from tttkd.pipeline.cache import CacheError, summarize
 
@@ -268,6 +285,13 @@ def _print_info(store: Path, *, as_json: bool = False) -> None:
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     if summary["pca_basis_scenes"]:
         table.add_row("pca_basis_scenes", f"{len(summary['pca_basis_scenes'])} (the basis was fitted on these only)")
+    last = summary.get("last_run") or {}
+    if last:
+        table.add_row("last_run", f"{last.get('finished', '?')}: {len(last.get('done', []))} extracted, "
+                                  f"{len(last.get('failed', {}))} failed, {last.get('images', 0)} images in "
+                                  f"{last.get('seconds', 0.0):.1f} s")
+    if last.get("timeline"):
+        table.add_row("last_run.timeline", timeline_text(last["timeline"]).split("\n")[0].removeprefix("time: "))
     for key, value in summary["provenance"].items():
         table.add_row(f"provenance.{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     console.print(table)

@@ -145,7 +145,36 @@ def process_pool(workers: int) -> Executor:
         return ThreadPoolExecutor(max(1, workers))
     context = multiprocessing.get_context("forkserver")  # no fork of a process that holds CUDA and threads
     context.set_forkserver_preload(["tttkd.pipeline.extract"])
-    return ProcessPoolExecutor(workers, mp_context=context)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with, initargs=(os.getpid(),))
+
+
+def exit_with(owner: int) -> None:
+    """A pool process's initializer: end this process when the pool's owner has ended. The processes
+    come from the forkserver, not from their owner, and wait on their call queue for good if the owner
+    ends without shutting the pool down (a Dask worker stopped by its nanny, a killed job); they would
+    also keep the forkserver and the resource tracker alive, and the tracker unlinks leaked
+    shared-memory blocks only when it stops."""
+    try:
+        handle = os.pidfd_open(owner)  # Linux 5.3+: readable once the owner has ended, whatever its pid becomes
+    except (AttributeError, OSError):
+        handle = None
+
+    def watch() -> None:
+        if handle is not None:
+            import select
+
+            select.select([handle], [], [])
+            os._exit(0)
+        while True:  # elsewhere: poll the pid
+            time.sleep(1.0)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # exists, another user's (the pid was reused): the owner has ended
+                os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
 
 
 def thread_on(device: torch.device):

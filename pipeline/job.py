@@ -69,8 +69,33 @@ def _worker_device(device: str, gpus: int | None) -> str:
     return f"cuda:{int(name) % gpus}" if isinstance(name, int) or str(name).isdigit() else device
 
 
+@dataclass
+class GroupOutcome:
+    """What a fast-path task returns: its scenes' results and where its time went. `began` and
+    `ended` are wall-clock times (time.time) of the first and last scene of the group, so the client
+    can find when its workers were extracting; `setup_s` is the worker's start-up paid by this group
+    (teacher, pools, page-locked blocks: the first group of a worker), `waits` the extracting thread's
+    seconds by what it waited on (`batched.extract_scenes`' timings)."""
+    results: list[SceneResult]
+    worker: str
+    device: str
+    setup_s: float
+    began: float
+    ended: float
+    waits: dict
+
+
+def _worker_name() -> str:
+    try:
+        from dask.distributed import get_worker
+
+        return str(get_worker().name)
+    except ValueError:  # not in a Dask worker (called directly)
+        return "local"
+
+
 def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, device: str, gpus: int | None,
-                 decoders: int, store: Path, split: str | None) -> list[SceneResult]:
+                 decoders: int, store: Path, split: str | None) -> GroupOutcome:
     """A group of scenes through the fast path (one stream of teacher batches across them).
 
     A failure midway fails only the scenes neither yielded nor complete in the store: those yielded
@@ -80,8 +105,10 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
 
     from .batched import SharedBlocks, extract_scenes, process_pool
 
-    start = time.perf_counter()
+    start, began = time.perf_counter(), time.time()
     results: list[SceneResult] = []
+    waits: dict[str, float] = {}
+    setup_s = 0.0
     try:
         device = _worker_device(device, gpus)
         if torch.device(device).index is not None:
@@ -93,19 +120,21 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
             _worker_blocks[device] = blocks = SharedBlocks(pin=torch.device(device).type == "cuda")
             atexit.register(blocks.close)
         reader = make_reader(config.dataset, config.root, config.reader_options)
+        setup_s, began = time.perf_counter() - start, time.time()
         for result in extract_scenes(reader, scene_ids, teacher=teacher, config=config, store=store, split=split,
                                      pool=_worker_pools["decode"], writers=_worker_pools["write"],
-                                     blocks=_worker_blocks[device]):
+                                     blocks=_worker_blocks[device], timings=waits):
             results.append(result)
-        return results
     except Exception as e:  # a batch job records every failure and goes on with the other groups
         reason = f"{type(e).__name__}: {e}"
         if isinstance(e, BrokenExecutor):  # process.BrokenProcessPool is one
             _drop_worker_pools()
             reason = f"a decoding/writing process died ({reason})"
         yielded = {r.scene_id for r in results}
-        return results + [written_or_failed(store, s, f"scene {s}: {reason}", seconds=time.perf_counter() - start)
-                          for s in scene_ids if s not in yielded]
+        results += [written_or_failed(store, s, f"scene {s}: {reason}", seconds=time.perf_counter() - start)
+                    for s in scene_ids if s not in yielded]
+    return GroupOutcome(results, worker=_worker_name(), device=str(device), setup_s=setup_s, began=began,
+                        ended=time.time(), waits=waits)
 
 
 def written_or_failed(store: Path, scene_id: str, reason: str, *, seconds: float = 0.0) -> SceneResult:
@@ -121,6 +150,18 @@ def written_or_failed(store: Path, scene_id: str, reason: str, *, seconds: float
     return SceneResult(scene_id, "done", num_points=int(attrs.get("num_points", 0)),
                        num_seen=int(attrs.get("num_seen", 0)), num_views=int(attrs.get("num_views", 0)),
                        views_skipped=dict(attrs.get("views_skipped") or {}), seconds=seconds)
+
+
+def _release_worker_state() -> None:
+    """On each worker of a job's own local cluster, as the job ends: shut its pools down and unlink
+    its shared-memory blocks. A closing cluster stops its workers without running their exit
+    handlers, so they would be left behind (processes, and /dev/shm until it fills up)."""
+    for pool in _worker_pools.values():
+        pool.shutdown(wait=True, cancel_futures=True)
+    _worker_pools.clear()
+    for blocks in _worker_blocks.values():
+        blocks.close()
+    _worker_blocks.clear()
 
 
 def _drop_worker_pools() -> None:
@@ -139,6 +180,8 @@ class ExtractReport:
     images: int = 0
     views_skipped: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    timeline: dict = field(default_factory=dict)
+    """Fast path: where the run's seconds went (see `timeline`); empty otherwise."""
 
 
 def default_device() -> str:
@@ -167,7 +210,7 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
     """
     from dask.distributed import Client, LocalCluster, as_completed
 
-    start = time.perf_counter()
+    start, wall_start = time.perf_counter(), time.time()
     device = device or default_device()
     if gpus:
         if not device.startswith("cuda") or gpus > torch.cuda.device_count():
@@ -204,6 +247,7 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
                                        dashboard_address=None, silence_logs=40)
             client = Client(cluster)
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        submitted, groups_done = time.time(), []
         try:
             if batched:
                 groups = _groups(todo, workers)
@@ -217,11 +261,18 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
                                      split=split, pure=False)
                 scenes_of = {f: [s] for f, s in zip(futures, todo)}
             _collect(as_completed(futures), scenes_of, report, total=len(todo), progress=progress,
-                     store=Path(out).resolve())
+                     store=Path(out).resolve(), groups=groups_done)
         finally:
+            if cluster is not None:  # an existing cluster's workers keep theirs for the next job
+                try:
+                    client.run(_release_worker_state)
+                except Exception:  # a worker that died has nothing left to release
+                    pass
             client.close()
             if cluster is not None:
                 cluster.close()
+        if groups_done:
+            report.timeline = timeline(groups_done, wall_start, submitted, images=report.images)
     report.seconds = time.perf_counter() - start
     record_run(out, report)
     return report
@@ -237,7 +288,33 @@ def _groups(scene_ids: list[str], workers: int) -> list[list[str]]:
     return [scene_ids[i: i + size] for i in range(0, len(scene_ids), size)]
 
 
-def _collect(results, scenes_of: dict, report: ExtractReport, *, total: int, progress: bool, store: Path) -> None:
+def timeline(groups: list[GroupOutcome], wall_start: float, submitted: float, *, images: int) -> dict:
+    """Where a fast-path run's time went, from its groups' outcomes (wall-clock seconds):
+    "before_workers_s" (hashing the weights, opening the store, starting the cluster), "startup_s"
+    (from then until the first group began extracting: the workers' interpreter, CUDA, teacher and
+    pools), "extracting_s" (from the first group's first scene to the last group's end) and the
+    images a second in that span, "closing_s" (from then until now: releasing the workers' pools and
+    closing the cluster, when called after that); per worker, its set-up, its groups' extracting seconds, and its
+    extracting thread's waits summed over its groups."""
+    began, ended = min(g.began for g in groups), max(g.ended for g in groups)
+    workers: dict[str, dict] = {}
+    for g in groups:
+        mine = workers.setdefault(g.worker, {"device": g.device, "groups": 0, "setup_s": 0.0, "extracting_s": 0.0,
+                                             "scenes": 0, "waits": {}})
+        mine["groups"] += 1
+        mine["scenes"] += len(g.results)
+        mine["setup_s"] += g.setup_s
+        mine["extracting_s"] += g.ended - g.began
+        for key, value in g.waits.items():
+            mine["waits"][key] = mine["waits"].get(key, 0.0) + value
+    extracting = max(ended - began, 1e-9)
+    return {"before_workers_s": submitted - wall_start, "startup_s": max(0.0, began - submitted),
+            "extracting_s": extracting, "extracting_images_per_s": images / extracting,
+            "closing_s": max(0.0, time.time() - ended), "workers": workers}
+
+
+def _collect(results, scenes_of: dict, report: ExtractReport, *, total: int, progress: bool, store: Path,
+             groups: list | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -247,6 +324,10 @@ def _collect(results, scenes_of: dict, report: ExtractReport, *, total: int, pro
         for future in results:
             try:
                 outcome = future.result()
+                if isinstance(outcome, GroupOutcome):
+                    if groups is not None:
+                        groups.append(outcome)
+                    outcome = outcome.results
                 outcome = outcome if isinstance(outcome, list) else [outcome]
             except Exception as e:  # the task's workers died (distributed.KilledWorker), or it was lost
                 outcome = [written_or_failed(store, s, f"{type(e).__name__}: {e}") for s in scenes_of[future]]

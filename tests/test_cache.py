@@ -1,5 +1,9 @@
 """The feature cache: plain-zarr round trip, completeness, resume, provenance checks, Dask job."""
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +173,91 @@ def test_failed_scene_is_reported_and_the_others_go_on(synth_root, tmp_path):
     assert report.done == ["scene0000_00"]
     assert "scene0077_00_vh_clean_2.ply" in report.failed["scene0077_00"]
     assert zarr.open_group(store, mode="r").attrs["last_run"]["failed"] == report.failed
+
+
+def test_a_fast_path_job_records_where_its_time_went(synth_root, tmp_path):
+    """The Dask job on the fast path (as on a GPU, here on the CPU): every group reports its worker's
+    set-up and its extracting span; the run's timeline adds up within the run's seconds, names the
+    worker, counts its scenes, and is kept in the store's last_run and printed by the CLI."""
+    from typer.testing import CliRunner
+
+    from tttkd.cli.prep import app as prep_app
+    from tttkd.cli.prep import timeline_text
+
+    ids = ["scene0000_00", "scene0001_00", "scene0002_00"]
+    config = replace(extract_config(synth_root), batch_size=4)
+    store = tmp_path / "t.zarr"
+    report = run_extraction(config, out=store, scene_ids=ids, workers=1, device="cpu", batched=True, progress=False)
+    assert sorted(report.done) == ids
+    line = report.timeline
+    assert list(line["workers"]) == ["0"] and line["workers"]["0"]["scenes"] == 3
+    assert line["workers"]["0"]["groups"] == 2  # two groups a worker
+    assert line["workers"]["0"]["setup_s"] > 0 and line["workers"]["0"]["waits"]["batches"] > 0
+    parts = ("before_workers_s", "startup_s", "extracting_s", "closing_s")
+    assert 0 < line["extracting_s"] and sum(line[p] for p in parts) <= report.seconds
+    assert sum(line[p] for p in parts) > 0.9 * report.seconds  # the parts cover the run
+    assert line["extracting_images_per_s"] == pytest.approx(report.images / line["extracting_s"])
+    assert zarr.open_group(store, mode="r").attrs["last_run"]["timeline"] == json.loads(json.dumps(line))
+    text = timeline_text(line)
+    assert f"{line['extracting_s']:.1f} s extracting" in text and "worker 0 (cpu): 3 scenes in 2 group(s)" in text
+    shown = CliRunner().invoke(prep_app, ["info", str(store)], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0 and "3 extracted, 0 failed" in shown.output, shown.output
+    assert f"{line['extracting_s']:.1f} s extracting" in shown.output
+
+
+def _forkserver_family() -> set[int]:
+    """Pids of multiprocessing forkservers and the pool processes they made (Linux /proc)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"multiprocessing.forkserver" in (entry / "cmdline").read_bytes():
+                pids.add(int(entry.name))
+        except OSError:  # ended meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists() or not Path("/dev/shm").is_dir(), reason="Linux only")
+def test_a_fast_path_job_leaves_no_processes_or_shared_memory_behind(synth_root, tmp_path):
+    """The job's workers start decoding and writing pools and shared-memory blocks that last as long
+    as they do; when the job's cluster closes, they all go (before the fix: 2 orphaned pool processes,
+    their forkserver and every block in /dev/shm stayed after each job)."""
+    import time
+
+    before_procs, before_shm = _forkserver_family(), {p.name for p in Path("/dev/shm").glob("psm_*")}
+    report = run_extraction(replace(extract_config(synth_root), batch_size=4), out=tmp_path / "l.zarr",
+                            scene_ids=["scene0000_00", "scene0001_00"], workers=1, device="cpu", batched=True,
+                            progress=False)
+    assert len(report.done) == 2
+    deadline = time.monotonic() + 15
+    while _forkserver_family() - before_procs and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _forkserver_family() - before_procs
+    assert not {p.name for p in Path("/dev/shm").glob("psm_*")} - before_shm
+
+
+def test_pool_processes_end_with_the_process_that_made_the_pool(tmp_path):
+    """A process killed while its pool is up (no shutdown, no exit handlers): the pool's processes end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    owner = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "from tttkd.pipeline.batched import process_pool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = process_pool(2)\n"
+        "    print(sorted({pool.submit(os.getpid).result() for _ in range(8)}), flush=True)\n"
+        "    time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = json.loads(owner.stdout.readline())
+        assert workers and all(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]

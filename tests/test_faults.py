@@ -332,7 +332,7 @@ def test_a_group_failing_midway_keeps_its_written_scenes_and_drops_broken_pools(
     monkeypatch.setattr(batched, "extract_scenes", extract_scenes)
     task = dict(config=PrepConfig(dataset="scannet", root=tmp_path, teacher="efficientnet_lite0"), weights=None,
                 device="cpu", gpus=None, decoders=2, store=tmp_path / "store.zarr", split="train")
-    results = job._scenes_task(IDS, **task)
+    results = job._scenes_task(IDS, **task).results
     assert [(r.scene_id, r.status) for r in results] == [(IDS[0], "done"), (IDS[1], "done"), (IDS[2], "failed")]
     assert (results[1].num_points, results[1].num_seen, results[1].num_views, results[1].views_skipped) == (
         50, 40, 3, {"blurry": 1})  # reported from the store, as the writer left it
@@ -346,7 +346,8 @@ def test_a_group_failing_midway_keeps_its_written_scenes_and_drops_broken_pools(
     else:  # the pools are fine: the worker keeps them
         assert list(job._worker_pools.values()) == first and all(p.shutdown_with is None for p in first)
     again = job._scenes_task(["scene0003_00", "scene0004_00"], **task)
-    assert [r.status for r in again] == ["done", "done"]
+    assert [r.status for r in again.results] == ["done", "done"]
+    assert again.worker == "local" and again.setup_s >= 0 and again.began <= again.ended
     assert len(made) == (4 if error == "BrokenProcessPool" else 2)
 
 
