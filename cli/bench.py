@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .options import DeviceOpt, PcaDimsOpt, ScaleOpt, TeacherOpt, WeightsOpt, fail, pca_dims_for
+from .options import DeviceOpt, PcaDimsOpt, ScaleOpt, TeacherOpt, WeightsOpt, fail, pca_dims_for, waits_text
 
 app = typer.Typer(help="Benchmarks: print a table and write a JSON result.", no_args_is_help=True)
 console = Console()
@@ -116,7 +116,8 @@ def extract(
                       f"{r['end_to_end_images_per_s']:.1f}, ratio {r['ratio']:.1%}; host, one core: decode "
                       f"{h['decode_ms_per_image']:.2f} ms an image, write {h['write_s_per_scene']:.3f} s a scene of "
                       f"{h['views_per_scene']} views ({r['feature_codec']}): at most {h['host_bound_images_per_s']:.0f} "
-                      f"images / s on {h['host_cores']} cores", soft_wrap=True, highlight=False)
+                      f"images / s on {h['host_cores']} cores; the extracting thread's {r['end_to_end_seconds']:.2f} s: "
+                      f"{waits_text(r['main_thread_s'])}", soft_wrap=True, highlight=False)
     from tttkd.pipeline.bench import grouped_calls
 
     for r in rows:

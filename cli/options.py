@@ -32,6 +32,13 @@ def pca_dims_for(feature_codec: str, pca_dims: int | None) -> int | None:
     return (pca_dims or DEFAULT_PCA_DIMS) if feature_codec == "pca-int8" else None
 
 
+def waits_text(waits: dict) -> str:
+    """The extracting thread's seconds by what it waited on (`batched.extract_scenes`' timings)."""
+    names = {"load": "loading scenes", "decode": "decoded views", "batches": "teacher batches",
+             "finish": "handing scenes to writers", "drain": "the last writes", "other": "the rest"}
+    return ", ".join(f"{label} {waits[key]:.2f}" for key, label in names.items() if key in waits) + " s"
+
+
 def repeated_option(command: TyperCommand, ctx: typer.Context, args: list[str]) -> str | None:
     """The first option of `command` that `args` gives twice although it holds one value, as the
     user wrote it; None if there is none. Options declared as lists (multiple=True) may repeat."""

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .options import DeviceOpt, PcaDimsOpt, ScaleOpt, SingleValueGroup, TeacherOpt, WeightsOpt, fail, pca_dims_for
+from .options import (DeviceOpt, PcaDimsOpt, ScaleOpt, SingleValueGroup, TeacherOpt, WeightsOpt, fail, pca_dims_for,
+                      waits_text)
 
 app = typer.Typer(help="Build TTT-KD feature caches: 2D teacher features projected onto 3D points.",
                   no_args_is_help=True, add_completion=False, cls=SingleValueGroup)
@@ -259,11 +260,9 @@ def timeline_text(timeline: dict) -> str:
              f"{timeline['extracting_s']:.1f} s extracting ({timeline['extracting_images_per_s']:.0f} images/s), "
              f"{timeline['closing_s']:.1f} s closing (pools, cluster)"]
     for name, w in sorted(timeline["workers"].items()):
-        waits = w["waits"]
+        waits = w["waits"]  # seconds summed over the worker's groups
         lines.append(f"  worker {name} ({w['device']}): {w['scenes']} scenes in {w['groups']} group(s), set-up "
-                     f"{w['setup_s']:.1f} s, extracting {w['extracting_s']:.1f} s, of which its feeding thread spent "
-                     f"{waits.get('batches', 0):.1f} s on teacher batches, {waits.get('finish', 0):.1f} s handing "
-                     f"scenes to writers, {waits.get('drain', 0):.1f} s on the last writes")
+                     f"{w['setup_s']:.1f} s, extracting {w['extracting_s']:.1f} s; its feeding thread: {waits_text(waits)}")
     return "\n".join(lines)
 
 

@@ -202,7 +202,7 @@ class _Run:
         threads = 4 if self.write_processes else writers
         self.writer = ThreadPoolExecutor(threads, initializer=thread_on(self.device))
         self.write = write
-        self.timings = {"decode": 0.0, "batches": 0.0, "finish": 0.0, "drain": 0.0}
+        self.timings = {"load": 0.0, "decode": 0.0, "batches": 0.0, "finish": 0.0, "drain": 0.0, "other": 0.0}
         self.writes: deque[tuple[_SceneWork, Future]] = deque()
         self.max_pending = 2 * threads  # scenes handed to the writers and not yet written
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -532,10 +532,14 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
             (a job's worker keeps one set: page-locking a new block costs more than its copy);
             default: this call's own, unlinked when it ends.
         timings: if given, filled with seconds of this thread's wall time by what it waited on:
-            "decode" (a decoded view), "batches" (teacher, projection, sampling; the GPU, as kernels
-            are queued until a host sync), "finish" (seen points, mean, copies), "drain" (the
-            writes still running after the last batch). The bench reports them.
+            "load" (a scene's points and views from the loader thread, and their copy to the
+            device), "decode" (a decoded view), "batches" (teacher, projection, sampling; the GPU,
+            as kernels are queued until a host sync), "finish" (seen points, mean, copies),
+            "drain" (the writes still running after the last batch), and "other": the rest (its
+            own Python, handing views to the decoding pool, and the interpreter lock it shares with
+            this process's other threads). The bench reports them.
     """
+    began = time.perf_counter()
     window = window or 4 * config.batch_size
     run = _Run(teacher, config, Path(store), split, pool, writers, write, blocks)
     loader = ThreadPoolExecutor(1)  # reads the next scene's points while this one's views decode
@@ -552,7 +556,9 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
                     following = next(upcoming, None)
                     if following is not None:
                         loads.append((following, loader.submit(_load_scene, reader, following, config)))
+                    tick = time.perf_counter()
                     work = _start_scene(future, scene_id, run)
+                    run.timings["load"] += time.perf_counter() - tick
                     if work is not None:
                         pending_views.extend((work, v) for v in work.views)
                     continue
@@ -578,6 +584,7 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
         tick = time.perf_counter()
         yield from run.finished(wait=True)
         run.timings["drain"] += time.perf_counter() - tick
+        run.timings["other"] = max(0.0, time.perf_counter() - began - sum(run.timings.values()))
         if timings is not None:
             timings.update(run.timings)
     finally:

@@ -192,7 +192,10 @@ def test_a_fast_path_job_records_where_its_time_went(synth_root, tmp_path):
     line = report.timeline
     assert list(line["workers"]) == ["0"] and line["workers"]["0"]["scenes"] == 3
     assert line["workers"]["0"]["groups"] == 2  # two groups a worker
-    assert line["workers"]["0"]["setup_s"] > 0 and line["workers"]["0"]["waits"]["batches"] > 0
+    waits = line["workers"]["0"]["waits"]
+    assert line["workers"]["0"]["setup_s"] > 0 and waits["batches"] > 0 and waits["load"] > 0
+    # the feeding thread's waits and the rest cover its groups' extracting time
+    assert sum(waits.values()) == pytest.approx(line["workers"]["0"]["extracting_s"], rel=0.1)
     parts = ("before_workers_s", "startup_s", "extracting_s", "closing_s")
     assert 0 < line["extracting_s"] and sum(line[p] for p in parts) <= report.seconds
     assert sum(line[p] for p in parts) > 0.9 * report.seconds  # the parts cover the run

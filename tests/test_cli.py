@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -95,6 +96,11 @@ def test_bench_extract_prints_both_throughputs(tmp_path):
     assert record["model_images_per_s"] > 0 and record["end_to_end_images_per_s"] > 0
     assert "model only: images / s" in result.output
     assert record["profile"] is None  # only when asked
+    # the extracting thread's wall time, split by what it waited on, adds up to the timed run
+    waits = record["main_thread_s"]
+    assert set(waits) == {"load", "decode", "batches", "finish", "drain", "other"} and waits["batches"] > 0
+    assert sum(waits.values()) == pytest.approx(record["end_to_end_seconds"], rel=0.05)
+    assert "teacher batches" in result.output and "the rest" in result.output
 
 
 def test_bench_extract_refuses_a_codec_it_does_not_know_before_any_work(tmp_path):
