@@ -255,8 +255,8 @@ def info(
 
 def timeline_text(timeline: dict) -> str:
     """The fast path's timeline (job.timeline) in a few lines: where the run's seconds went."""
-    lines = [f"time: {timeline['before_workers_s']:.1f} s before the workers (weights hash, store, cluster), "
-             f"{timeline['startup_s']:.1f} s until the first scene (workers' start, teacher, pools), "
+    lines = [f"time: {timeline['before_workers_s']:.1f} s before the workers (weights hash, store, cluster and its "
+             f"processes), {timeline['startup_s']:.1f} s until the first scene (CUDA, teacher, pools), "
              f"{timeline['extracting_s']:.1f} s extracting ({timeline['extracting_images_per_s']:.0f} images/s), "
              f"{timeline['closing_s']:.1f} s closing (pools, cluster)"]
     for name, w in sorted(timeline["workers"].items()):

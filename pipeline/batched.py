@@ -163,7 +163,9 @@ def exit_with(owner: int) -> None:
         if handle is not None:
             import select
 
-            select.select([handle], [], [])
+            waiting = select.poll()  # not select.select: it refuses descriptors above 1023
+            waiting.register(handle, select.POLLIN)
+            waiting.poll()
             os._exit(0)
         while True:  # elsewhere: poll the pid
             time.sleep(1.0)
@@ -459,8 +461,11 @@ class SharedBlocks:
             self.pinned.discard(block.name)
             torch.cuda.cudart().cudaHostUnregister(view.data_ptr())
         del view  # the buffer export: a block cannot close while a tensor holds it
-        block.close()
-        block.unlink()
+        block.unlink()  # first: the name goes from /dev/shm even if a lingering export keeps the mapping
+        try:
+            block.close()
+        except BufferError:  # still exported somewhere: the mapping goes when that does
+            pass
 
 
 def _page_lock(view: torch.Tensor) -> bool:

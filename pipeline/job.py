@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -155,12 +156,16 @@ def written_or_failed(store: Path, scene_id: str, reason: str, *, seconds: float
 def _release_worker_state() -> None:
     """On each worker of a job's own local cluster, as the job ends: shut its pools down and unlink
     its shared-memory blocks. A closing cluster stops its workers without running their exit
-    handlers, so they would be left behind (processes, and /dev/shm until it fills up)."""
+    handlers, so they would be left behind (processes, and /dev/shm until it fills up). Runs in the
+    worker's event-loop thread (`client.run`), so it never waits: the pools' processes end once idle
+    (and with their worker, `batched.exit_with`); page-locked blocks are released on their own GPU."""
     for pool in _worker_pools.values():
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
     _worker_pools.clear()
-    for blocks in _worker_blocks.values():
-        blocks.close()
+    for device, blocks in _worker_blocks.items():
+        on_gpu = torch.device(device).type == "cuda"
+        with torch.cuda.device(torch.device(device)) if on_gpu else nullcontext():
+            blocks.close()
     _worker_blocks.clear()
 
 
@@ -271,7 +276,7 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
             client.close()
             if cluster is not None:
                 cluster.close()
-        if groups_done:
+        if groups_done and not scheduler:  # workers' clocks are the client's only on its own local cluster
             report.timeline = timeline(groups_done, wall_start, submitted, images=report.images)
     report.seconds = time.perf_counter() - start
     record_run(out, report)
@@ -289,10 +294,10 @@ def _groups(scene_ids: list[str], workers: int) -> list[list[str]]:
 
 
 def timeline(groups: list[GroupOutcome], wall_start: float, submitted: float, *, images: int) -> dict:
-    """Where a fast-path run's time went, from its groups' outcomes (wall-clock seconds):
-    "before_workers_s" (hashing the weights, opening the store, starting the cluster), "startup_s"
-    (from then until the first group began extracting: the workers' interpreter, CUDA, teacher and
-    pools), "extracting_s" (from the first group's first scene to the last group's end) and the
+    """Where a fast-path run's time went, from its groups' outcomes (wall-clock seconds of one host):
+    "before_workers_s" (hashing the weights, opening the store, starting the cluster and its worker
+    processes), "startup_s" (from then until the first group began extracting: each worker's CUDA,
+    teacher and pools), "extracting_s" (from the first group's first scene to the last group's end) and the
     images a second in that span, "closing_s" (from then until now: releasing the workers' pools and
     closing the cluster, when called after that); per worker, its set-up, its groups' extracting seconds, and its
     extracting thread's waits summed over its groups."""
