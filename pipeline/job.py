@@ -11,17 +11,22 @@ On CUDA a task is a group of scenes run by the fast path (`batched.py`: teacher 
 scenes, decoding and writing in process pools that live as long as the worker, or until one of
 their processes dies: then the group's unwritten scenes fail and the next group starts new pools);
 `gpus=N` starts one worker per GPU of this machine, worker i on cuda:i, and spreads the groups over
-them. A killed worker then takes its group's scenes with it (retried once, as one scene is).
+them. A killed worker then takes its group's scenes with it (retried once, as one scene is). A
+group's task returns when all its scenes are done, so its worker also announces each finished scene
+as a Dask event: the progress bar moves scene by scene.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import threading
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import dask
 import torch
@@ -95,8 +100,21 @@ def _worker_name() -> str:
         return "local"
 
 
+def _announce(topic: str | None, result: SceneResult) -> None:
+    """Tell the client a scene is finished, before its group's task returns (a Dask event)."""
+    if topic is None:
+        return
+    try:
+        from dask.distributed import get_worker
+
+        get_worker().log_event(topic, {"scene_id": result.scene_id, "status": result.status,
+                                       "images": result.num_views})
+    except ValueError:  # not in a Dask worker (called directly)
+        pass
+
+
 def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, device: str, gpus: int | None,
-                 decoders: int, store: Path, split: str | None) -> GroupOutcome:
+                 decoders: int, store: Path, split: str | None, topic: str | None = None) -> GroupOutcome:
     """A group of scenes through the fast path (one stream of teacher batches across them).
 
     A failure midway fails only the scenes neither yielded nor complete in the store: those yielded
@@ -126,6 +144,7 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
                                      pool=_worker_pools["decode"], writers=_worker_pools["write"],
                                      blocks=_worker_blocks[device], timings=waits):
             results.append(result)
+            _announce(topic, result)
     except Exception as e:  # a batch job records every failure and goes on with the other groups
         reason = f"{type(e).__name__}: {e}"
         if isinstance(e, BrokenExecutor):  # process.BrokenProcessPool is one
@@ -195,7 +214,8 @@ def default_device() -> str:
 
 def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None = None, split: str | None = None,
                    workers: int = 1, scheduler: str | None = None, device: str | None = None,
-                   gpus: int | None = None, batched: bool | None = None, progress: bool = True) -> ExtractReport:
+                   gpus: int | None = None, batched: bool | None = None, progress: bool = True,
+                   on_scene: Callable[[str, str, int], None] | None = None) -> ExtractReport:
     """Extract every selected scene of `config.dataset` into the store at `out`.
 
     Args:
@@ -212,6 +232,8 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
         batched: the fast path (groups of scenes per task, teacher batches across scenes);
             default: on CUDA.
         progress: show a progress bar of scenes and images.
+        on_scene: called on this process with (scene id, "done" or "failed", images) once per scene,
+            as soon as it is finished: on the fast path before its group's task returns.
     """
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -253,21 +275,29 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
             client = Client(cluster)
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
         submitted, groups_done = time.time(), []
+        topic, subscribed = f"tttkd-extract-{uuid.uuid4().hex}", False  # this run's scene events only
         try:
+            board = SceneBoard(total=len(todo), progress=progress, on_scene=on_scene)
             if batched:
+                client.subscribe_topic(topic, lambda event: board.heard(event[1]))
+                subscribed = True
                 groups = _groups(todo, workers)
                 futures = client.map(_scenes_task, groups, key=[f"extract-{g[0]}-{len(g)}" for g in groups],
                                      config=config, weights=weights, device=device, gpus=None if scheduler else gpus,
-                                     decoders=max(1, threads - 1), store=Path(out).resolve(), split=split, pure=False)
+                                     decoders=max(1, threads - 1), store=Path(out).resolve(), split=split,
+                                     topic=topic, pure=False)
                 scenes_of = dict(zip(futures, groups))
             else:
                 futures = client.map(_scene_task, todo, key=[f"extract-{s}" for s in todo], config=config,
                                      weights=weights, device=device, threads=threads, store=Path(out).resolve(),
                                      split=split, pure=False)
                 scenes_of = {f: [s] for f, s in zip(futures, todo)}
-            _collect(as_completed(futures), scenes_of, report, total=len(todo), progress=progress,
-                     store=Path(out).resolve(), groups=groups_done)
+            with board:
+                _collect(as_completed(futures), scenes_of, report, board, store=Path(out).resolve(),
+                         groups=groups_done)
         finally:
+            if subscribed:
+                client.unsubscribe_topic(topic)
             if cluster is not None:  # an existing cluster's workers keep theirs for the next job
                 try:
                     client.run(_release_worker_state)
@@ -318,30 +348,67 @@ def timeline(groups: list[GroupOutcome], wall_start: float, submitted: float, *,
             "closing_s": max(0.0, time.time() - ended), "workers": workers}
 
 
-def _collect(results, scenes_of: dict, report: ExtractReport, *, total: int, progress: bool, store: Path,
+class SceneBoard:
+    """Each finished scene once, as soon as the client hears of it: the progress bar and the
+    caller's `on_scene`. A fast-path task returns only when its whole group (up to 64 scenes) is
+    done, so its worker also announces each scene as an event (`_announce`), handled here on the
+    client's event-loop thread; the tasks' results then settle the count."""
+
+    def __init__(self, *, total: int, progress: bool, on_scene: Callable[[str, str, int], None] | None):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[images]} images, {task.fields[failed]} failed"), TimeElapsedColumn())
+        self.bar = Progress(*columns, disable=not progress, transient=False)
+        self.task = self.bar.add_task("scenes", total=total, images=0, failed=0)
+        self.on_scene = on_scene
+        self.lock = threading.Lock()
+        self.finished: dict[str, tuple[str, int]] = {}  # scene id -> (status, images)
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def scene(self, scene_id: str, status: str, images: int) -> None:
+        with self.lock:
+            if scene_id in self.finished:
+                return
+            self.finished[scene_id] = (status, images)
+            self.bar.update(self.task, completed=len(self.finished),
+                            images=sum(n for s, n in self.finished.values() if s == "done"),
+                            failed=sum(s != "done" for s, _ in self.finished.values()))
+        if self.on_scene is not None:
+            self.on_scene(scene_id, status, images)
+
+    def heard(self, event: dict) -> None:
+        """A worker's event (`_announce`; Dask adds the worker's address)."""
+        self.scene(event["scene_id"], event["status"], event["images"])
+
+    def print(self, text: str) -> None:
+        self.bar.console.print(text)
+
+
+def _collect(results, scenes_of: dict, report: ExtractReport, board: SceneBoard, *, store: Path,
              groups: list | None = None) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[images]} images, {task.fields[failed]} failed"), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("scenes", total=total, images=0, failed=0)
-        for future in results:
-            try:
-                outcome = future.result()
-                if isinstance(outcome, GroupOutcome):
-                    if groups is not None:
-                        groups.append(outcome)
-                    outcome = outcome.results
-                outcome = outcome if isinstance(outcome, list) else [outcome]
-            except Exception as e:  # the task's workers died (distributed.KilledWorker), or it was lost
-                outcome = [written_or_failed(store, s, f"{type(e).__name__}: {e}") for s in scenes_of[future]]
-            for result in outcome:
-                _count(result, report, bar)
-                bar.update(task, advance=1, images=report.images, failed=len(report.failed))
+    for future in results:
+        try:
+            outcome = future.result()
+            if isinstance(outcome, GroupOutcome):
+                if groups is not None:
+                    groups.append(outcome)
+                outcome = outcome.results
+            outcome = outcome if isinstance(outcome, list) else [outcome]
+        except Exception as e:  # the task's workers died (distributed.KilledWorker), or it was lost
+            outcome = [written_or_failed(store, s, f"{type(e).__name__}: {e}") for s in scenes_of[future]]
+        for result in outcome:
+            _count(result, report, board)
+            board.scene(result.scene_id, result.status, result.num_views if result.status == "done" else 0)
 
 
-def _count(result: SceneResult, report: ExtractReport, bar) -> None:
+def _count(result: SceneResult, report: ExtractReport, board: SceneBoard) -> None:
     if result.status == "done":
         report.done.append(result.scene_id)
         report.images += result.num_views
@@ -349,7 +416,7 @@ def _count(result: SceneResult, report: ExtractReport, bar) -> None:
             report.views_skipped[reason] = report.views_skipped.get(reason, 0) + count
     else:
         report.failed[result.scene_id] = result.reason
-        bar.console.print(f"[red]failed[/red] {result.scene_id}: {result.reason}")
+        board.print(f"[red]failed[/red] {result.scene_id}: {result.reason}")
 
 
 def record_run(out: Path, report: ExtractReport) -> None:

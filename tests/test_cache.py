@@ -1,6 +1,7 @@
 """The feature cache: plain-zarr round trip, completeness, resume, provenance checks, Dask job."""
 
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -187,8 +188,15 @@ def test_a_fast_path_job_records_where_its_time_went(synth_root, tmp_path):
     ids = ["scene0000_00", "scene0001_00", "scene0002_00"]
     config = replace(extract_config(synth_root), batch_size=4)
     store = tmp_path / "t.zarr"
-    report = run_extraction(config, out=store, scene_ids=ids, workers=1, device="cpu", batched=True, progress=False)
+    heard = []  # each scene as the client hears of it, and on which thread
+    report = run_extraction(config, out=store, scene_ids=ids, workers=1, device="cpu", batched=True, progress=False,
+                            on_scene=lambda *scene: heard.append((*scene, threading.current_thread().name)))
     assert sorted(report.done) == ids
+    views = {s: FeatureCache(store).scene_attrs(s)["num_views"] for s in ids}
+    assert sorted(h[:3] for h in heard) == [(s, "done", views[s]) for s in ids]  # each scene once
+    # a group returns when all its scenes are done; its first scene was heard before, from the worker's
+    # event (on the client's event-loop thread), not from the task's result (on this thread)
+    assert any(h[3] != threading.main_thread().name for h in heard), heard
     line = report.timeline
     assert list(line["workers"]) == ["0"] and line["workers"]["0"]["scenes"] == 3
     assert line["workers"]["0"]["groups"] == 2  # two groups a worker
