@@ -178,9 +178,7 @@ def _release_worker_state() -> None:
     handlers, so they would be left behind (processes, and /dev/shm until it fills up). Runs in the
     worker's event-loop thread (`client.run`), so it never waits: the pools' processes end once idle
     (and with their worker, `batched.exit_with`); page-locked blocks are released on their own GPU."""
-    for pool in _worker_pools.values():
-        pool.shutdown(wait=False, cancel_futures=True)
-    _worker_pools.clear()
+    _drop_worker_pools()
     for device, blocks in _worker_blocks.items():
         on_gpu = torch.device(device).type == "cuda"
         with torch.cuda.device(torch.device(device)) if on_gpu else nullcontext():
