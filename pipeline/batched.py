@@ -171,9 +171,7 @@ def exit_with(owner: int) -> None:
             time.sleep(1.0)
             try:
                 os.kill(owner, 0)
-            except ProcessLookupError:
-                os._exit(0)
-            except PermissionError:  # exists, another user's (the pid was reused): the owner has ended
+            except (ProcessLookupError, PermissionError):  # gone, or another user's (the pid was reused)
                 os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()

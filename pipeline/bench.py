@@ -151,12 +151,12 @@ def host_costs(reader, scene_id: str, *, config: PrepConfig, teacher, store: Pat
         decode_view(view, image_scale=config.image_scale, fit=teacher.spec)
     decode_s = (time.perf_counter() - start) / len(timed)
     stored = cache.FeatureCache(store)
-    written = stored.read(scene_id)
-    num_views = stored.scene_attrs(scene_id)["num_views"]
+    written, scene_attrs = stored.read(scene_id), stored.scene_attrs(scene_id)
+    num_views = scene_attrs["num_views"]
     feature, attrs = written.feature, {}
     if config.feature_codec in ("int8", "pca-int8"):  # q / 127 as read (pca-int8: coefficients): the codes exactly
         feature = np.rint(feature.astype(np.float32) * 127).astype(np.int8)
-        attrs = {k: v for k, v in stored.scene_attrs(scene_id).items() if k.startswith("pca_cosine")}
+        attrs = {k: v for k, v in scene_attrs.items() if k.startswith("pca_cosine")}
     scene = Scene(scene_id, written.coord, written.color, written.normal, written.label)
     cache.open_for_writing(scratch, stored.provenance, basis=basis)
     write_s = []

@@ -91,26 +91,21 @@ class GroupOutcome:
     waits: dict
 
 
-def _worker_name() -> str:
-    try:
-        from dask.distributed import get_worker
+def _this_worker():
+    """The Dask worker running this task; None when called directly."""
+    from dask.distributed import get_worker
 
-        return str(get_worker().name)
-    except ValueError:  # not in a Dask worker (called directly)
-        return "local"
+    try:
+        return get_worker()
+    except ValueError:
+        return None
 
 
 def _announce(topic: str | None, result: SceneResult) -> None:
     """Tell the client a scene is finished, before its group's task returns (a Dask event)."""
-    if topic is None:
-        return
-    try:
-        from dask.distributed import get_worker
-
-        get_worker().log_event(topic, {"scene_id": result.scene_id, "status": result.status,
-                                       "images": result.num_views})
-    except ValueError:  # not in a Dask worker (called directly)
-        pass
+    worker = _this_worker() if topic is not None else None
+    if worker is not None:
+        worker.log_event(topic, {"scene_id": result.scene_id, "status": result.status, "images": result.num_views})
 
 
 def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, device: str, gpus: int | None,
@@ -153,7 +148,8 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
         yielded = {r.scene_id for r in results}
         results += [written_or_failed(store, s, f"scene {s}: {reason}", seconds=time.perf_counter() - start)
                     for s in scene_ids if s not in yielded]
-    return GroupOutcome(results, worker=_worker_name(), device=str(device), setup_s=setup_s, began=began,
+    worker = _this_worker()
+    return GroupOutcome(results, worker="local" if worker is None else str(worker.name), device=str(device), setup_s=setup_s, began=began,
                         ended=time.time(), waits=waits)
 
 
@@ -204,6 +200,27 @@ class ExtractReport:
     seconds: float = 0.0
     timeline: dict = field(default_factory=dict)
     """Fast path: where the run's seconds went (see `timeline`); empty otherwise."""
+
+    def count(self, result: SceneResult) -> None:
+        """One scene's outcome into the report."""
+        if result.status == "done":
+            self.done.append(result.scene_id)
+            self.images += result.num_views
+            self.count_skipped(result.views_skipped)
+        else:
+            self.failed[result.scene_id] = result.reason
+
+    def count_skipped(self, views_skipped: dict[str, int]) -> None:
+        for reason, count in views_skipped.items():
+            self.views_skipped[reason] = self.views_skipped.get(reason, 0) + count
+
+    def add(self, other: ExtractReport) -> None:
+        """Another run's scenes into this report (two parts of one command)."""
+        self.done += other.done
+        self.skipped += other.skipped
+        self.failed.update(other.failed)
+        self.images += other.images
+        self.count_skipped(other.views_skipped)
 
 
 def default_device() -> str:
@@ -361,7 +378,8 @@ class SceneBoard:
         self.task = self.bar.add_task("scenes", total=total, images=0, failed=0)
         self.on_scene = on_scene
         self.lock = threading.Lock()
-        self.finished: dict[str, tuple[str, int]] = {}  # scene id -> (status, images)
+        self.finished: set[str] = set()
+        self.images = self.failed = 0
 
     def __enter__(self):
         self.bar.start()
@@ -374,10 +392,10 @@ class SceneBoard:
         with self.lock:
             if scene_id in self.finished:
                 return
-            self.finished[scene_id] = (status, images)
-            self.bar.update(self.task, completed=len(self.finished),
-                            images=sum(n for s, n in self.finished.values() if s == "done"),
-                            failed=sum(s != "done" for s, _ in self.finished.values()))
+            self.finished.add(scene_id)
+            self.images += images if status == "done" else 0
+            self.failed += status != "done"
+            self.bar.update(self.task, completed=len(self.finished), images=self.images, failed=self.failed)
         if self.on_scene is not None:
             self.on_scene(scene_id, status, images)
 
@@ -402,19 +420,10 @@ def _collect(results, scenes_of: dict, report: ExtractReport, board: SceneBoard,
         except Exception as e:  # the task's workers died (distributed.KilledWorker), or it was lost
             outcome = [written_or_failed(store, s, f"{type(e).__name__}: {e}") for s in scenes_of[future]]
         for result in outcome:
-            _count(result, report, board)
+            report.count(result)
+            if result.status != "done":
+                board.print(f"[red]failed[/red] {result.scene_id}: {result.reason}")
             board.scene(result.scene_id, result.status, result.num_views if result.status == "done" else 0)
-
-
-def _count(result: SceneResult, report: ExtractReport, board: SceneBoard) -> None:
-    if result.status == "done":
-        report.done.append(result.scene_id)
-        report.images += result.num_views
-        for reason, count in result.views_skipped.items():
-            report.views_skipped[reason] = report.views_skipped.get(reason, 0) + count
-    else:
-        report.failed[result.scene_id] = result.reason
-        board.print(f"[red]failed[/red] {result.scene_id}: {result.reason}")
 
 
 def record_run(out: Path, report: ExtractReport) -> None:

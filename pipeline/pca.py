@@ -163,13 +163,7 @@ def extract_pca(config, *, out: Path, scene_ids: list[str] | None = None, split:
     if rest and not (out / "zarr.json").exists():
         report.failed.update({s: "no pca basis: every scene of the basis sample failed" for s in rest})
     elif rest:  # straight into the basis (on a GPU: projected and encoded there)
-        more = run_extraction(config, out=out, scene_ids=rest, split=split, **run)
-        report.done += more.done
-        report.skipped += more.skipped
-        report.failed.update(more.failed)
-        report.images += more.images
-        for reason, count in more.views_skipped.items():
-            report.views_skipped[reason] = report.views_skipped.get(reason, 0) + count
+        report.add(run_extraction(config, out=out, scene_ids=rest, split=split, **run))
         report.seconds = time.perf_counter() - start  # the fit and the recode between the two runs too
         record_run(out, report)  # the whole run, not only its second part
     return report

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .suite import mean_std_text
+from .suite import after_steps, mean_std_text
 
 SETTINGS = {"max_views": "views per scene in the cache", "teacher": "teacher"}
 """Protocol fields an ablation may vary, and how the table names them."""
@@ -49,14 +49,6 @@ def varied_setting(runs: list[dict], names: list[str]) -> str:
 def _order(value):
     """Numeric settings in increasing order, None ("all views") last, names alphabetically."""
     return (value is None, value if isinstance(value, (int, float)) else 0, str(value))
-
-
-def after_steps(entry: dict | None, step: int) -> dict | None:
-    """A row's mIoU after `step` TTT steps from its per-step curve ("by_step": {step: [mean, std]};
-    keys are strings once read back from JSON), as an entry like the final one; None if not scored."""
-    by_step = (entry or {}).get("by_step") or {}
-    value = by_step.get(str(step), by_step.get(step))
-    return None if value is None else {"mean": value[0], "std": value[1], "n": entry["n"]}
 
 
 def ablation_table(runs: list[dict], names: list[str], *, rows: tuple[str, ...], steps: tuple[int, ...] = ()) -> dict:

@@ -800,6 +800,14 @@ def markdown_summary(table: dict, families: list[str], *, title: str, seeds: int
     return "\n".join(lines) + "\n"
 
 
+def after_steps(entry: dict | None, step: int) -> dict | None:
+    """A row's mIoU after `step` TTT steps from its per-step curve ("by_step": {step: [mean, std]};
+    keys are strings once read back from JSON), as an entry like the final one; None if not scored."""
+    by_step = (entry or {}).get("by_step") or {}
+    value = by_step.get(str(step), by_step.get(step))
+    return None if value is None else {"mean": value[0], "std": value[1], "n": entry["n"]}
+
+
 def steps_table(table: dict, families: list[str]) -> str:
     """mIoU against TTT steps (paper Fig. 4a) as numbers: per family, each row scored after several
     steps in one run (TTT-KD and its control), "mean ± std" over seeds; "" if no row has steps."""
@@ -811,9 +819,7 @@ def steps_table(table: dict, families: list[str]) -> str:
     lines = ["### mIoU against TTT steps, mean ± std over seeds", "",
              "| family | row | " + " | ".join(map(str, steps)) + " |", "|---|---|" + "---:|" * len(steps)]
     for family, row in rows:
-        entry = table[row][family]
-        cells = [mean_std_text({"mean": entry["by_step"][s][0], "std": entry["by_step"][s][1], "n": entry["n"]})
-                 if s in entry["by_step"] else "-" for s in steps]
+        cells = [mean_std_text(e) if (e := after_steps(table[row][family], s)) else "-" for s in steps]
         lines.append(f"| {family_title(family)} | {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
