@@ -3,13 +3,15 @@
 `extract.extract_scene` does one scene at a time in numpy; at ScanNet sizes that leaves a GPU
 idle most of the time (issue 8: 24 img/s end to end against 5,600 img/s for ViT-L alone). Here:
   - scenes are read one ahead in a thread; their views are decoded (JPEG draft mode, depth PNG) in
-    a pool of processes, `window` views ahead of the teacher;
+    a pool of processes, a few views a task, `window` views ahead of the teacher; the decoded pixels
+    come back through shared memory, not the task's pipe (`decode_chunk`);
   - decoded views of any scene fill teacher batches (a batch may span scenes), so a scene with
     few views never runs a small batch;
   - uint8 pixels go to the device through pinned memory and are normalised there;
   - each scene's points go to the device once; projection, the depth test, feature sampling and
     the per-point accumulation are batched tensor ops (`project.project_candidates`, `accumulate`),
-    with one host sync per scene and batch;
+    with one host sync per scene and batch, on a stream of their own: it never waits for a teacher
+    batch, so the GPU has the next batch queued while this thread prepares the one after;
   - a finished scene's arrays are copied to the host on a side stream by a writer thread and
     written by a pool of processes, through shared memory blocks reused from scene to scene and
     page-locked for CUDA (`SharedBlocks`; `cache.write_scene` marks the scene complete only after
@@ -34,7 +36,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Iterator
@@ -52,6 +54,18 @@ from .teacher import Teacher
 
 # accumulate's CSR matrix: one warning per process that the format is "beta" says nothing to a user
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+DECODE_CHUNK = 4
+"""Views a decoding task: each task's submit and result wake a thread of the extracting process,
+which must take the interpreter lock from the thread feeding the GPU."""
+SWITCH_INTERVAL_S = 0.0005
+"""The interpreter's switch interval while extracting (default 5 ms): a thread waiting for the lock
+behind the busy feeding thread (the scene loader, the pools' result threads) waits up to this long at
+every handoff. On a 2-core CPU, a 150k-point scene loaded in 9 ms alone, 256 ms beside a busy thread at
+5 ms and 42 ms at 0.5 ms (2026-11-26)."""
+LEAD_BATCHES = 2
+"""Teacher batches queued on the GPU ahead of the one being prepared: enough to keep it busy, few
+enough that the host cannot run ahead with pinned buffers and scene accumulators."""
 
 
 def accumulate(feature_sum: torch.Tensor, grids: torch.Tensor, view_index: torch.Tensor, point_index: torch.Tensor,
@@ -134,6 +148,75 @@ class _SceneWork:
     start: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Placed:
+    """Where a decoding process left an array in its task's shared block."""
+
+    offset: int
+    shape: tuple
+    dtype: str
+
+
+def decode_chunk(views: list[View], *, image_scale: float, fit, block_name: str | None = None
+                 ) -> list[DecodedView | SkippedView]:
+    """`decode_view` for a few views of a scene, in a decoding process; a view that cannot be used
+    comes back as its SkippedView, in its place. With a shared block (`_Chunk`), each image and depth
+    image that fits goes into it and only where it lies crosses the pipe: a decoded ScanNet view is
+    0.85 MB, which the extracting process would unpickle in a thread that takes the interpreter lock
+    from the one feeding the GPU (on a 2-core CPU: 2 ms alone, 56 ms beside a busy thread)."""
+    block = attach_shared(block_name) if block_name else None
+    results: list[DecodedView | SkippedView] = []
+    offset = 0
+    try:
+        for view in views:
+            try:
+                decoded = decode_view(view, image_scale=image_scale, fit=fit)
+            except SkippedView as e:
+                results.append(e)
+                continue
+            placed = {}
+            for name in ("image", "depth"):
+                array = getattr(decoded, name)
+                if block is None or array is None or offset + array.nbytes > block.size:
+                    continue  # no room: this one goes through the pipe
+                np.copyto(np.ndarray(array.shape, array.dtype, buffer=block.buf, offset=offset), array)
+                placed[name] = _Placed(offset, array.shape, array.dtype.str)
+                offset += -(-array.nbytes // 64) * 64
+            results.append(replace(decoded, **placed))
+    finally:
+        if block is not None:
+            block.close()
+    return results
+
+
+class _Chunk:
+    """One decoding task in flight: its views, and its shared block, which goes back to the run's
+    blocks once each of its views has been through the teacher (their pixels are copied into a
+    batch there) or skipped."""
+
+    def __init__(self, work: _SceneWork, views: list[View], future: Future, block: SharedMemory | None,
+                 blocks: SharedBlocks):
+        self.work, self.views, self.future, self.block, self.blocks = work, views, future, block, blocks
+        self.left = len(views)
+
+    def outcomes(self) -> list[DecodedView | SkippedView]:
+        """The task's results, their placed arrays read in place from the block."""
+        outcomes = self.future.result()
+        if self.block is None:
+            return outcomes
+        buffer = self.block.buf
+        at = lambda p: np.ndarray(p.shape, np.dtype(p.dtype), buffer=buffer, offset=p.offset)
+        return [replace(o, **{name: at(getattr(o, name)) for name in ("image", "depth")
+                              if isinstance(getattr(o, name), _Placed)}) if isinstance(o, DecodedView) else o
+                for o in outcomes]
+
+    def done(self, count: int = 1) -> None:
+        self.left -= count
+        if self.left == 0 and self.block is not None:
+            self.blocks.give(self.block)
+            self.block = None
+
+
 def process_pool(workers: int) -> Executor:
     """Processes for the CPU work around the GPU: decoding views (Pillow holds the GIL for part of a
     decode) and writing scenes. Writes must not run in threads of the extracting process: zarr's
@@ -211,10 +294,37 @@ class _Run:
         self.basis = None if basis is None else to_device(basis, self.device)
         self.own_blocks = blocks is None  # else the caller's, kept across calls (a Dask worker's)
         self.blocks = SharedBlocks(pin=self.device.type == "cuda") if blocks is None else blocks
+        # decoded pixels come back through these (`decode_chunk`), sized from the first results; a
+        # thread pool (in a daemonic Dask worker) hands its arrays over as they are
+        self.decode_blocks = SharedBlocks(pin=False) if isinstance(pool, ProcessPoolExecutor) else None
+        self.chunk_bytes = 0
+        # projection on a stream of its own, high priority: its host sync waits for it alone
+        cuda = self.device.type == "cuda"
+        self.project_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        self.queued: deque[torch.cuda.Event] = deque()  # the teacher batches on the GPU, oldest first
 
-    def add(self, work: _SceneWork, decoded: DecodedView) -> None:
+    def projecting(self):
+        return torch.cuda.stream(self.project_stream) if self.project_stream is not None else nullcontext()
+
+    def decode(self, work: _SceneWork, views: list[View]) -> _Chunk:
+        block = None
+        if self.decode_blocks is not None and self.chunk_bytes:
+            block = self.decode_blocks.take(self.chunk_bytes)  # None if /dev/shm has no room: through the pipe
+        future = self.pool.submit(decode_chunk, views, image_scale=self.config.image_scale, fit=self.teacher.spec,
+                                  block_name=block.name if block is not None else None)
+        return _Chunk(work, views, future, block, self.decode_blocks)
+
+    def learn_chunk_bytes(self, outcomes: list) -> None:
+        """A shared block per task holds DECODE_CHUNK views of the largest size seen so far."""
+        if self.decode_blocks is None:
+            return
+        sizes = [sum(-(-a.nbytes // 64) * 64 for a in (o.image, o.depth) if isinstance(a, np.ndarray))
+                 for o in outcomes if isinstance(o, DecodedView)]
+        self.chunk_bytes = max([self.chunk_bytes] + [size * DECODE_CHUNK for size in sizes])
+
+    def add(self, work: _SceneWork, decoded: DecodedView, chunk: _Chunk) -> None:
         buffer = self.buffers.setdefault(decoded.image.shape, [])
-        buffer.append((work, decoded))
+        buffer.append((work, decoded, chunk))
         if len(buffer) == self.config.batch_size:
             self.run_batch(self.buffers.pop(decoded.image.shape))
 
@@ -222,15 +332,15 @@ class _Run:
         for shape in list(self.buffers):
             self.run_batch(self.buffers.pop(shape))
 
-    def run_batch(self, items: list[tuple[_SceneWork, DecodedView]]) -> None:
-        live = [(work, d) for work, d in items if not work.failed]
+    def run_batch(self, items: list[tuple[_SceneWork, DecodedView, _Chunk]]) -> None:
+        live = [item for item in items if not item[0].failed]
         tick = time.perf_counter()
         try:
             if live:
                 self._teacher_and_accumulate(live)
         except OUT_OF_MEMORY as e:
             where = "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "host"
-            for work, _ in live:
+            for work, _, _ in live:
                 work.failed = (f"{type(e).__name__}: scene {work.scene.scene_id}: out of {where} memory "
                                f"({work.scene.num_points} points, {len(work.views)} views, batch size "
                                f"{self.config.batch_size}); lower --batch-size, or split the scene into parts")
@@ -238,23 +348,36 @@ class _Run:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         self.timings["batches"] += time.perf_counter() - tick
-        for work, _ in items:
+        for work, _, chunk in items:
+            chunk.done()  # the batch has copied its pixels and depth images: the block can be reused
             work.remaining -= 1
             self.maybe_finish(work)
 
-    def _teacher_and_accumulate(self, items: list[tuple[_SceneWork, DecodedView]]) -> None:
+    def _teacher_and_accumulate(self, items: list[tuple[_SceneWork, DecodedView, _Chunk]]) -> None:
         teacher = self.teacher
-        pixels = to_device(np.stack([d.image for _, d in items]), self.device)  # (B, H, W, 3) uint8
-        grids = teacher.features(teacher.prepare_batch(pixels))  # (B, D, h, w)
         by_scene: dict[int, list[int]] = {}
-        for i, (work, _) in enumerate(items):
+        for i, (work, _, _) in enumerate(items):
             by_scene.setdefault(id(work), []).append(i)
-        for rows in by_scene.values():
-            work = items[rows[0]][0]
-            decoded = [items[i][1] for i in rows]
-            # hidden pairs stay in, weighted 0: compacting them would stop the host until the GPU catches up
-            view_index, point_index, uv, visible = project_candidates(work.coord, decoded, point_major=True,
-                                                                      config=self.config.projection)
+        # first the projections, on their stream (each syncs for its number of pairs: that waits for
+        # the projection alone, while the batches queued before this one keep the GPU busy); hidden
+        # pairs stay in, weighted 0: compacting them would be another sync
+        projected = []
+        with self.projecting():
+            for rows in by_scene.values():
+                work = items[rows[0]][0]
+                projected.append((work, rows, project_candidates(work.coord, [items[i][1] for i in rows],
+                                                                 point_major=True, config=self.config.projection)))
+        if len(self.queued) >= LEAD_BATCHES:  # the host stays at most LEAD_BATCHES ahead of the GPU
+            self.queued.popleft().synchronize()
+        pixels = to_device(np.stack([d.image for _, d, _ in items]), self.device)  # (B, H, W, 3) uint8
+        grids = teacher.features(teacher.prepare_batch(pixels))  # (B, D, h, w)
+        if self.project_stream is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.project_stream)
+            for _, _, candidates in projected:
+                for tensor in candidates:  # made on the projection stream, read on this one
+                    tensor.record_stream(main)
+        for work, rows, (view_index, point_index, uv, visible) in projected:
             if work.feature_sum is None:
                 work.feature_sum = torch.zeros(work.scene.num_points, grids.shape[1], device=self.device)
             if len(point_index):
@@ -264,6 +387,9 @@ class _Run:
                            weight=visible.float(), point_sorted=True)
                 work.view_count.index_add_(0, point_index, visible.int())
             work.used += len(rows)
+        if self.project_stream is not None:
+            self.queued.append(torch.cuda.Event())
+            self.queued[-1].record(torch.cuda.current_stream(self.device))
 
     def maybe_finish(self, work: _SceneWork) -> None:
         """Once all of a scene's views are through: hand it to a writer thread, which finds its seen
@@ -412,6 +538,7 @@ class SharedBlocks:
         self.pin = pin
         self.lock = threading.Lock()
         self.free: list[SharedMemory] = []
+        self.made: dict[str, SharedMemory] = {}  # every block not yet released, free or taken
         self.views: dict[str, torch.Tensor] = {}  # block name -> its bytes as a tensor (the pinned address)
         self.pinned: set[str] = set()
 
@@ -436,7 +563,9 @@ class SharedBlocks:
                 self.pinned.add(block.name)
             else:
                 self.pin = False  # warned once; the copies still work, through pageable memory
-        self.views[block.name] = view
+        with self.lock:
+            self.views[block.name] = view
+            self.made[block.name] = block
         return block
 
     def bytes(self, block: SharedMemory) -> torch.Tensor:
@@ -447,13 +576,15 @@ class SharedBlocks:
             self.free.append(block)
 
     def close(self) -> None:
-        """Unlinks the free blocks; call once no write is running."""
+        """Unlinks every block, also those not given back (a run that ended early); call once no
+        process is using them."""
         with self.lock:
-            for block in self.free:
+            for block in list(self.made.values()):
                 self._release(block)
             self.free.clear()
 
     def _release(self, block: SharedMemory) -> None:
+        del self.made[block.name]
         view = self.views.pop(block.name)
         if block.name in self.pinned:
             self.pinned.discard(block.name)
@@ -544,17 +675,20 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
     """
     began = time.perf_counter()
     window = window or 4 * config.batch_size
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     run = _Run(teacher, config, Path(store), split, pool, writers, write, blocks)
     loader = ThreadPoolExecutor(1)  # reads the next scene's points while this one's views decode
     loads = deque((s, loader.submit(_load_scene, reader, s, config)) for s in scene_ids[:2])
     upcoming = iter(scene_ids[2:])
-    decoding: deque[tuple[_SceneWork, Future]] = deque()
-    pending_views: deque[tuple[_SceneWork, View]] = deque()
+    decoding: deque[_Chunk] = deque()
+    views_decoding = 0
+    pending: tuple[_SceneWork, list[View]] | None = None  # a scene's views not yet handed to the pool
     try:
-        while loads or pending_views or decoding:
+        while loads or pending or decoding:
             # keep `window` views decoding: take views of the next scene when this one's are all submitted
-            while len(decoding) < window and (pending_views or loads):
-                if not pending_views:
+            while views_decoding < window and (pending or loads):
+                if not pending:
                     scene_id, future = loads.popleft()
                     following = next(upcoming, None)
                     if following is not None:
@@ -562,25 +696,30 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
                     tick = time.perf_counter()
                     work = _start_scene(future, scene_id, run)
                     run.timings["load"] += time.perf_counter() - tick
-                    if work is not None:
-                        pending_views.extend((work, v) for v in work.views)
+                    pending = (work, list(work.views)) if work is not None else None
                     continue
-                work, view = pending_views.popleft()
-                decoding.append((work, run.pool.submit(decode_view, view, image_scale=config.image_scale,
-                                                       fit=teacher.spec)))
+                work, views = pending
+                decoding.append(run.decode(work, views[:DECODE_CHUNK]))
+                views_decoding += len(decoding[-1].views)
+                pending = (work, views[DECODE_CHUNK:]) if len(views) > DECODE_CHUNK else None
             if decoding:
-                work, future = decoding.popleft()
-                try:
-                    tick = time.perf_counter()
-                    decoded = future.result()
-                    run.timings["decode"] += time.perf_counter() - tick
-                    run.add(work, decoded)
-                except SkippedView as e:  # counted by reason; the scene goes on with its other views
-                    work.skipped[e.reason] = work.skipped.get(e.reason, 0) + 1
-                    work.view_errors.setdefault(e.reason, str(e))
-                    work.remaining -= 1
-                    run.maybe_finish(work)
-            elif not loads and not pending_views:
+                chunk = decoding.popleft()
+                views_decoding -= len(chunk.views)
+                tick = time.perf_counter()
+                outcomes = chunk.outcomes()
+                run.timings["decode"] += time.perf_counter() - tick
+                run.learn_chunk_bytes(outcomes)
+                work = chunk.work
+                for outcome in outcomes:
+                    if isinstance(outcome, SkippedView):  # counted by reason; the scene goes on with its other views
+                        work.skipped[outcome.reason] = work.skipped.get(outcome.reason, 0) + 1
+                        work.view_errors.setdefault(outcome.reason, str(outcome))
+                        chunk.done()
+                        work.remaining -= 1
+                        run.maybe_finish(work)
+                    else:
+                        run.add(work, outcome, chunk)
+            elif not loads and not pending:
                 break
             yield from run.finished(wait=False)
         run.flush()
@@ -591,10 +730,13 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
         if timings is not None:
             timings.update(run.timings)
     finally:
+        sys.setswitchinterval(switch_interval)
         loader.shutdown(wait=False, cancel_futures=True)
         run.writer.shutdown(wait=True)
         if run.own_blocks:
             run.blocks.close()
+        if run.decode_blocks is not None:
+            run.decode_blocks.close()
 
 
 def _start_scene(future: Future, scene_id: str, run: _Run) -> _SceneWork | None:
@@ -602,7 +744,8 @@ def _start_scene(future: Future, scene_id: str, run: _Run) -> _SceneWork | None:
     start = time.perf_counter()
     try:
         scene, views, skipped = future.result()
-        coord = to_device(scene.coord.astype(np.float64), run.device)  # the scene's points go once
+        with run.projecting():  # the scene's points go once, on the stream that projects them
+            coord = to_device(scene.coord.astype(np.float64), run.device)
         return _SceneWork(scene, views, coord, torch.zeros(scene.num_points, dtype=torch.int32, device=run.device),
                           remaining=len(views), skipped=skipped, start=start)
     except (OSError, ValueError) as e:  # SceneReadError, PlyError, ...

@@ -2,6 +2,7 @@
 `project_view`, sparse feature accumulation against `sample_features`, and the cross-scene
 batched extraction against the per-scene one (same cache)."""
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,10 +153,13 @@ def corrupt_one_image(root):
 def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, tmp_path, processes, codec,
                                                                    monkeypatch):
     """Batches that span scenes (batch 4, scenes of 2-3 views), decoding and writing in threads or in
-    processes (SkippedView, DecodedView and the scene's arrays cross the process boundary): same seen
-    points in the same order, same view counts and skip counts, features with cosine >= 0.999. With
-    int8, the batched path hands over codes made on its device, the per-scene path floats."""
+    processes (SkippedView, DecodedView and the scene's arrays cross the process boundary; with
+    processes, a window of 4 views, so that the chunks after the first come back through shared
+    blocks): same seen points in the same order, same view counts and skip counts, features with
+    cosine >= 0.999. With int8, the batched path hands over codes made on its device, the per-scene
+    path floats. The interpreter's switch interval is the caller's again afterwards."""
     import shutil
+    import sys
     from concurrent.futures import ThreadPoolExecutor
 
     from tttkd.pipeline import batched, cache
@@ -166,6 +170,9 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
 
     original, encoded = batched.int8_codes, []
     monkeypatch.setattr(batched, "int8_codes", lambda feature: encoded.append(len(feature)) or original(feature))
+    outcomes, through_blocks = batched._Chunk.outcomes, []
+    monkeypatch.setattr(batched._Chunk, "outcomes", lambda chunk: through_blocks.append(chunk.block is not None)
+                        or outcomes(chunk))
     root = Path(shutil.copytree(synth_root, tmp_path / "data"))
     corrupt_one_image(root)
     ids = ["scene0000_00", "scene0001_00", "scene0002_00", "scene0404_00"]  # the last one does not exist
@@ -181,9 +188,12 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
     pool, writers = (process_pool(2), process_pool(1)) if processes else (ThreadPoolExecutor(2), 2)
     with pool:
         results = {r.scene_id: r for r in extract_scenes(reader, ids, teacher=teacher, config=config,
-                                                         store=stores["batched"], split="x", pool=pool, writers=writers)}
+                                                         store=stores["batched"], split="x", pool=pool, writers=writers,
+                                                         window=4 if processes else None)}
     if processes:
         writers.shutdown()
+    assert sys.getswitchinterval() == pytest.approx(0.005)
+    assert through_blocks[0] is False and any(through_blocks) == processes  # a block only once sizes are known
     assert sorted(results) == sorted(ids)
     assert len(encoded) == (3 if codec == "int8" else 0)  # each written scene's codes made by the extracting process
     assert results["scene0404_00"].status == "failed" and "scene0404_00" in results["scene0404_00"].reason
@@ -201,6 +211,49 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
         assert len(raw.metadata.codecs) == (4 if codec == "int8" else 3)  # the int8 filter, bytes, zstd, crc32c
         group = zarr.open_group(stores["batched"] / "scenes" / s, mode="r")
         assert group.attrs["complete"] is True and group.attrs["split"] == "x"
+
+
+def test_a_decoding_task_places_what_fits_in_its_block_and_keeps_each_views_place(synth_root, tmp_path):
+    """decode_chunk with a block that holds one view's image: that image comes back as where it lies
+    (its bytes equal decode_view's), the next view's arrays through the pipe, an unreadable view as its
+    SkippedView in its place; the chunk reads the placed image back and returns its block once each
+    view is done."""
+    import shutil
+    from multiprocessing.shared_memory import SharedMemory
+
+    from tttkd.pipeline import batched
+    from tttkd.pipeline.extract import DecodedView, SkippedView, decode_view
+    from tttkd.pipeline.scannet import ScanNetReader
+    from tttkd.pipeline.teacher import load_teacher
+
+    root = Path(shutil.copytree(synth_root, tmp_path / "data"))
+    corrupt_one_image(root)  # scene0001_00's second view
+    views = ScanNetReader(root).read_views("scene0001_00").views[:3]
+    spec = load_teacher("efficientnet_lite0", device="cpu").spec
+    expected = [decode_view(views[0], image_scale=0.25, fit=spec), None, decode_view(views[2], image_scale=0.25, fit=spec)]
+    blocks = batched.SharedBlocks(pin=False)
+    block = blocks.take(expected[0].image.nbytes)
+    try:
+        outcomes = batched.decode_chunk(views, image_scale=0.25, fit=spec, block_name=block.name)
+        assert isinstance(outcomes[0].image, batched._Placed) and isinstance(outcomes[1], SkippedView)
+        assert outcomes[1].reason == "unreadable image"
+        assert isinstance(outcomes[2].image, np.ndarray)  # the block is full
+        done = Future()
+        done.set_result(outcomes)
+        chunk = batched._Chunk(None, views, done, block, blocks)
+        read = chunk.outcomes()
+        assert isinstance(read[0], DecodedView)
+        np.testing.assert_array_equal(read[0].image, expected[0].image)
+        np.testing.assert_array_equal(read[0].depth, expected[0].depth)  # no room left: through the pipe
+        np.testing.assert_array_equal(read[2].image, expected[2].image)
+        del read
+        chunk.done(2)
+        assert blocks.free == []
+        chunk.done()
+        assert blocks.free == [block]
+    finally:
+        blocks.close()
+    assert blocks.made == {} and not Path("/dev/shm", block.name).exists()
 
 
 SHARED_WRITES = """

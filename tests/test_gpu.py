@@ -181,6 +181,53 @@ def test_one_scene_extracted_on_cuda_matches_cpu(tmp_path, codec):
     assert np.array_equal(cpu.view_count[order_cpu], cuda.view_count[order_cuda])
 
 
+def test_many_scenes_through_the_cuda_stream_match_the_per_scene_path(tmp_path, monkeypatch):
+    """The fast path's CUDA ordering under load: five scenes of 6 views in batches of 4 (batches span
+    scenes), projections on their own stream while up to LEAD_BATCHES teacher batches are queued,
+    decoded views back through shared blocks (a window of 8 views: every chunk after the first three), writes in
+    processes. Each scene as the per-scene CPU path extracts it: the same seen points and view counts,
+    features with cosine >= 0.99. A tensor of one stream freed while the other still reads it, a
+    block reused before its views were copied, or a missed wait between the streams shows here."""
+    from tttkd.pipeline import batched, cache
+    from tttkd.pipeline.extract import PrepConfig, extract_scene
+    from tttkd.pipeline.scannet import ScanNetReader
+    from tttkd.pipeline.synth import generate
+    from tttkd.pipeline.teacher import build_network, load_teacher
+
+    ids = generate(tmp_path / "data", domain="a", scenes=5, seed=1, views=6)
+    weights = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.manual_seed(0)
+    torch.save(build_network("dinov2_vits14").state_dict(), weights)
+    config = PrepConfig(dataset="scannet", root=tmp_path / "data", teacher="dinov2_vits14", weights=weights,
+                        batch_size=4)
+    reader = ScanNetReader(tmp_path / "data")
+    outcomes, through_blocks = batched._Chunk.outcomes, []
+    monkeypatch.setattr(batched._Chunk, "outcomes", lambda chunk: through_blocks.append(chunk.block is not None)
+                        or outcomes(chunk))
+    stores = {}
+    for path in ("cpu", "cuda"):
+        stores[path] = tmp_path / f"{path}.zarr"
+        cache.open_for_writing(stores[path], {"teacher": "dinov2_vits14", "feature_codec": "fp16"})
+    cpu_teacher = load_teacher("dinov2_vits14", weights=weights, device="cpu")
+    for scene_id in ids:
+        assert extract_scene(reader, scene_id, teacher=cpu_teacher, config=config, store=stores["cpu"],
+                             split=None).status == "done"
+    teacher = load_teacher("dinov2_vits14", weights=weights, device="cuda")
+    with batched.process_pool(2) as pool, batched.process_pool(1) as writers:
+        results = list(batched.extract_scenes(reader, ids, teacher=teacher, config=config, store=stores["cuda"],
+                                              split=None, pool=pool, writers=writers, window=8))
+    assert [r.status for r in results] == ["done"] * len(ids), [r.reason for r in results]
+    assert not any(through_blocks[:3]) and all(through_blocks[3:]), through_blocks  # 3 chunks before a result
+    for scene_id in ids:
+        cpu, cuda = cache.FeatureCache(stores["cpu"]).read(scene_id), cache.FeatureCache(stores["cuda"]).read(scene_id)
+        assert np.array_equal(np.sort(cpu.seen_index), np.sort(cuda.seen_index)), scene_id
+        order_cpu, order_cuda = np.argsort(cpu.seen_index), np.argsort(cuda.seen_index)
+        assert np.array_equal(cpu.view_count[order_cpu], cuda.view_count[order_cuda]), scene_id
+        cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(cpu.feature[order_cpu].astype(np.float32)),
+                                                       torch.from_numpy(cuda.feature[order_cuda].astype(np.float32)))
+        assert cosine.min() >= 0.99, (scene_id, float(cosine.min()))
+
+
 def test_feature_codes_made_on_cuda_are_the_cpus():
     """int8 codes bit for bit (one float32 product, clamp, round half to even); pca-int8 codes to one
     step where the GPU's matmul rounds a coefficient across a half, and the same kept-cosine stats."""
