@@ -2,9 +2,10 @@
 
 `extract.extract_scene` does one scene at a time in numpy; at ScanNet sizes that leaves a GPU
 idle most of the time (issue 8: 24 img/s end to end against 5,600 img/s for ViT-L alone). Here:
-  - scenes are read one ahead in a thread; their views are decoded (JPEG draft mode, depth PNG) in
-    a pool of processes, a few views a task, `window` views ahead of the teacher; the decoded pixels
-    come back through shared memory, not the task's pipe (`decode_chunk`);
+  - scenes are read (`load_scene`) and their views decoded (JPEG draft mode, depth PNG;
+    `decode_chunk`, a few views a task) in a pool of processes, `window` views ahead of the
+    teacher; scene arrays and decoded pixels come back through shared memory, not the tasks' pipe,
+    and a scene's arrays go on from there to its writing process;
   - decoded views of any scene fill teacher batches (a batch may span scenes), so a scene with
     few views never runs a small batch;
   - uint8 pixels go to the device through pinned memory and are normalised there;
@@ -54,15 +55,14 @@ from .teacher import Teacher
 
 # accumulate's CSR matrix: one warning per process that the format is "beta" says nothing to a user
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
 
 DECODE_CHUNK = 4
 """Views a decoding task: each task's submit and result wake a thread of the extracting process,
 which must take the interpreter lock from the thread feeding the GPU."""
-SWITCH_INTERVAL_S = 0.0005
-"""The interpreter's switch interval while extracting (default 5 ms): a thread waiting for the lock
-behind the busy feeding thread (the scene loader, the pools' result threads) waits up to this long at
-every handoff. On a 2-core CPU, a 150k-point scene loaded in 9 ms alone, 256 ms beside a busy thread at
-5 ms and 42 ms at 0.5 ms (2026-11-26)."""
+LOADS_AHEAD = 8
+"""Scenes loading in the pool ahead of the one whose views are being handed out (a load waits
+behind up to `window` views of decoding in the pool's queue)."""
 LEAD_BATCHES = 2
 """Teacher batches queued on the GPU ahead of the one being prepared: enough to keep it busy, few
 enough that the host cannot run ahead with pinned buffers and scene accumulators."""
@@ -146,6 +146,8 @@ class _SceneWork:
     failed: str = ""
     finished: bool = False
     start: float = 0.0
+    scene_block: SharedMemory | None = None  # where the scene's arrays lie (`load_scene`) until it is written
+    scene_placed: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,28 @@ class _Placed:
     offset: int
     shape: tuple
     dtype: str
+
+
+def _place(arrays: dict[str, np.ndarray | None], block: SharedMemory | None, offset: int
+           ) -> tuple[dict[str, _Placed], int]:
+    """Copy each array that fits into `block` from `offset` on: name -> where it lies, and the next offset."""
+    placed = {}
+    for name, array in arrays.items():
+        if block is None or array is None or offset + array.nbytes > block.size:
+            continue  # no room: this one goes through the pipe
+        np.copyto(np.ndarray(array.shape, array.dtype, buffer=block.buf, offset=offset), array)
+        placed[name] = _Placed(offset, array.shape, array.dtype.str)
+        offset += -(-array.nbytes // 64) * 64
+    return placed, offset
+
+
+def _in_place(buffer, placed: dict[str, _Placed]) -> dict[str, np.ndarray]:
+    """The placed arrays, read where they lie (no copy)."""
+    return {name: np.ndarray(p.shape, np.dtype(p.dtype), buffer=buffer, offset=p.offset) for name, p in placed.items()}
+
+
+def _padded_nbytes(arrays) -> int:
+    return sum(-(-a.nbytes // 64) * 64 for a in arrays if isinstance(a, np.ndarray))
 
 
 def decode_chunk(views: list[View], *, image_scale: float, fit, block_name: str | None = None
@@ -174,14 +198,7 @@ def decode_chunk(views: list[View], *, image_scale: float, fit, block_name: str 
             except SkippedView as e:
                 results.append(e)
                 continue
-            placed = {}
-            for name in ("image", "depth"):
-                array = getattr(decoded, name)
-                if block is None or array is None or offset + array.nbytes > block.size:
-                    continue  # no room: this one goes through the pipe
-                np.copyto(np.ndarray(array.shape, array.dtype, buffer=block.buf, offset=offset), array)
-                placed[name] = _Placed(offset, array.shape, array.dtype.str)
-                offset += -(-array.nbytes // 64) * 64
+            placed, offset = _place({"image": decoded.image, "depth": decoded.depth}, block, offset)
             results.append(replace(decoded, **placed))
     finally:
         if block is not None:
@@ -204,11 +221,9 @@ class _Chunk:
         outcomes = self.future.result()
         if self.block is None:
             return outcomes
-        buffer = self.block.buf
-        at = lambda p: np.ndarray(p.shape, np.dtype(p.dtype), buffer=buffer, offset=p.offset)
-        return [replace(o, **{name: at(getattr(o, name)) for name in ("image", "depth")
-                              if isinstance(getattr(o, name), _Placed)}) if isinstance(o, DecodedView) else o
-                for o in outcomes]
+        return [replace(o, **_in_place(self.block.buf, {name: getattr(o, name) for name in ("image", "depth")
+                                                        if isinstance(getattr(o, name), _Placed)}))
+                if isinstance(o, DecodedView) else o for o in outcomes]
 
     def done(self, count: int = 1) -> None:
         self.left -= count
@@ -298,6 +313,8 @@ class _Run:
         # thread pool (in a daemonic Dask worker) hands its arrays over as they are
         self.decode_blocks = SharedBlocks(pin=False) if isinstance(pool, ProcessPoolExecutor) else None
         self.chunk_bytes = 0
+        self.scene_blocks = SharedBlocks(pin=False) if isinstance(pool, ProcessPoolExecutor) else None
+        self.scene_bytes = 0
         # projection on a stream of its own, high priority: its host sync waits for it alone
         cuda = self.device.type == "cuda"
         self.project_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
@@ -305,6 +322,18 @@ class _Run:
 
     def projecting(self):
         return torch.cuda.stream(self.project_stream) if self.project_stream is not None else nullcontext()
+
+    def load(self, reader: DatasetReader, scene_id: str) -> tuple[SharedMemory | None, Future]:
+        block = None
+        if self.scene_blocks is not None and self.scene_bytes:
+            block = self.scene_blocks.take(self.scene_bytes)
+        return block, self.pool.submit(load_scene, reader, scene_id, self.config,
+                                       block.name if block is not None else None)
+
+    def release_scene(self, work: _SceneWork) -> None:
+        if work.scene_block is not None:
+            self.scene_blocks.give(work.scene_block)
+            work.scene_block = None
 
     def decode(self, work: _SceneWork, views: list[View]) -> _Chunk:
         block = None
@@ -318,8 +347,7 @@ class _Run:
         """A shared block per task holds DECODE_CHUNK views of the largest size seen so far."""
         if self.decode_blocks is None:
             return
-        sizes = [sum(-(-a.nbytes // 64) * 64 for a in (o.image, o.depth) if isinstance(a, np.ndarray))
-                 for o in outcomes if isinstance(o, DecodedView)]
+        sizes = [_padded_nbytes((o.image, o.depth)) for o in outcomes if isinstance(o, DecodedView)]
         self.chunk_bytes = max([self.chunk_bytes] + [size * DECODE_CHUNK for size in sizes])
 
     def add(self, work: _SceneWork, decoded: DecodedView, chunk: _Chunk) -> None:
@@ -468,8 +496,10 @@ class _Run:
                                   "view_errors": work.view_errors, **feature_attrs})
             if not self.write:
                 pass
-            elif block is not None:
-                self.write_processes.submit(_write_shared, self.store, scene, block.name, layout, **options).result()
+            elif block is not None:  # the scene's arrays too, from its block if they all lie there
+                shared = work.scene_block is not None and len(work.scene_placed) == len(SCENE_ARRAYS)
+                described = _SharedScene(scene.scene_id, work.scene_block.name, work.scene_placed) if shared else scene
+                self.write_processes.submit(_write_shared, self.store, described, block.name, layout, **options).result()
             elif self.write_processes is not None:
                 self.write_processes.submit(cache.write_scene, self.store, scene, **host, **options).result()
             else:
@@ -488,7 +518,10 @@ class _Run:
     def finished(self, *, wait: bool) -> Iterator[SceneResult]:
         """Results of written scenes, in order; with `wait`, all of them."""
         while self.writes and (wait or self.writes[0][1].done()):
-            yield self.writes.popleft()[1].result()
+            work, future = self.writes.popleft()
+            if work is not None:
+                self.release_scene(work)
+            yield future.result()
 
 
 def int8_codes(feature: torch.Tensor) -> torch.Tensor:
@@ -618,18 +651,24 @@ def attach_shared(name: str) -> SharedMemory:
     return SharedMemory(name=name)  # registers it again with the shared tracker: a set, so a no-op
 
 
-def _write_shared(store: Path, scene: Scene, block_name: str, layout: dict[str, tuple[int, tuple, str]],
+def _write_shared(store: Path, scene: Scene | _SharedScene, block_name: str, layout: dict[str, tuple[int, tuple, str]],
                   **options) -> bool:
-    """`cache.write_scene` in a writing process, reading the arrays from one shared memory block (`_layout`)."""
+    """`cache.write_scene` in a writing process, reading the arrays from one shared memory block
+    (`_layout`), and the scene's from its own block if it lies in one (`load_scene`)."""
     block = attach_shared(block_name)
+    scene_block = attach_shared(scene.block_name) if isinstance(scene, _SharedScene) else None
     try:
         views = {name: np.ndarray(shape, dtype=np.dtype(dtype), buffer=block.buf, offset=offset)
                  for name, (offset, shape, dtype) in layout.items()}
+        if scene_block is not None:
+            scene = Scene(scene.scene_id, **_in_place(scene_block.buf, scene.placed))
         written = cache.write_scene(store, scene, **views, **options)
-        del views
+        del views, scene
         return written
     finally:
         block.close()
+        if scene_block is not None:
+            scene_block.close()
 
 
 def _done(result: SceneResult) -> Future:
@@ -638,14 +677,38 @@ def _done(result: SceneResult) -> Future:
     return future
 
 
-def _load_scene(reader: DatasetReader, scene_id: str, config: PrepConfig):
+SCENE_ARRAYS = ("coord", "color", "normal", "label")
+
+
+@dataclass(frozen=True)
+class _SharedScene:
+    """A scene whose arrays lie in a shared block: what a writing process needs to read it there."""
+
+    scene_id: str
+    block_name: str
+    placed: dict
+
+
+def load_scene(reader: DatasetReader, scene_id: str, config: PrepConfig, block_name: str | None = None
+               ) -> tuple[dict, list[View], dict]:
+    """A scene's arrays, its selected views and the views skipped, in a decoding process (a 150k-point
+    scene takes 10-25 ms of Python and numpy: in a thread of the extracting process it held the
+    interpreter lock against the feeding thread, and one such thread could not keep up with a GPU
+    that needs 11 ms a scene). The arrays go into the shared block where they fit (`_place`)."""
     scene = reader.read_scene(scene_id)
     check_scene(scene, tuple(reader.class_names))
     view_set = reader.read_views(scene_id)
     views = select_views(view_set.views, config.max_views, seed=config.seed, scene_id=scene_id)
     if not views:
         raise SceneReadError(f"scene {scene_id}: no usable views ({view_set.skipped or 'none found'})")
-    return scene, views, dict(view_set.skipped)
+    arrays = {name: getattr(scene, name) for name in SCENE_ARRAYS}
+    if block_name:
+        block = attach_shared(block_name)
+        try:
+            arrays.update(_place(arrays, block, 0)[0])
+        finally:
+            block.close()
+    return arrays, views, dict(view_set.skipped)
 
 
 def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teacher, config: PrepConfig, store: Path,
@@ -666,8 +729,7 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
             (a job's worker keeps one set: page-locking a new block costs more than its copy);
             default: this call's own, unlinked when it ends.
         timings: if given, filled with seconds of this thread's wall time by what it waited on:
-            "load" (a scene's points and views from the loader thread, and their copy to the
-            device), "decode" (a decoded view), "batches" (teacher, projection, sampling; the GPU,
+            "load" (a scene's points and views from the pool, and their copy to the device), "decode" (a decoded view), "batches" (teacher, projection, sampling; the GPU,
             as kernels are queued until a host sync), "finish" (seen points, mean, copies),
             "drain" (the writes still running after the last batch), and "other": the rest (its
             own Python, handing views to the decoding pool, and the interpreter lock it shares with
@@ -675,12 +737,10 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
     """
     began = time.perf_counter()
     window = window or 4 * config.batch_size
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     run = _Run(teacher, config, Path(store), split, pool, writers, write, blocks)
-    loader = ThreadPoolExecutor(1)  # reads the next scene's points while this one's views decode
-    loads = deque((s, loader.submit(_load_scene, reader, s, config)) for s in scene_ids[:2])
-    upcoming = iter(scene_ids[2:])
+    # scenes load in the pool, LOADS_AHEAD of the one whose views are being handed out
+    loads = deque((s, run.load(reader, s)) for s in scene_ids[:LOADS_AHEAD])
+    upcoming = iter(scene_ids[LOADS_AHEAD:])
     decoding: deque[_Chunk] = deque()
     views_decoding = 0
     pending: tuple[_SceneWork, list[View]] | None = None  # a scene's views not yet handed to the pool
@@ -689,12 +749,12 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
             # keep `window` views decoding: take views of the next scene when this one's are all submitted
             while views_decoding < window and (pending or loads):
                 if not pending:
-                    scene_id, future = loads.popleft()
+                    scene_id, loading = loads.popleft()
                     following = next(upcoming, None)
                     if following is not None:
-                        loads.append((following, loader.submit(_load_scene, reader, following, config)))
+                        loads.append((following, run.load(reader, following)))
                     tick = time.perf_counter()
-                    work = _start_scene(future, scene_id, run)
+                    work = _start_scene(loading, scene_id, run)
                     run.timings["load"] += time.perf_counter() - tick
                     pending = (work, list(work.views)) if work is not None else None
                     continue
@@ -730,25 +790,35 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
         if timings is not None:
             timings.update(run.timings)
     finally:
-        sys.setswitchinterval(switch_interval)
-        loader.shutdown(wait=False, cancel_futures=True)
+        for _, (_, future) in loads:
+            future.cancel()
         run.writer.shutdown(wait=True)
         if run.own_blocks:
             run.blocks.close()
-        if run.decode_blocks is not None:
-            run.decode_blocks.close()
+        for blocks in (run.decode_blocks, run.scene_blocks):
+            if blocks is not None:
+                blocks.close()
 
 
-def _start_scene(future: Future, scene_id: str, run: _Run) -> _SceneWork | None:
+def _start_scene(loading: tuple[SharedMemory | None, Future], scene_id: str, run: _Run) -> _SceneWork | None:
     """A loaded scene's work on the device, or None after recording why it failed."""
     start = time.perf_counter()
+    block, future = loading
     try:
-        scene, views, skipped = future.result()
-        with run.projecting():  # the scene's points go once, on the stream that projects them
-            coord = to_device(scene.coord.astype(np.float64), run.device)
-        return _SceneWork(scene, views, coord, torch.zeros(scene.num_points, dtype=torch.int32, device=run.device),
-                          remaining=len(views), skipped=skipped, start=start)
+        arrays, views, skipped = future.result()
     except (OSError, ValueError) as e:  # SceneReadError, PlyError, ...
+        if block is not None:
+            run.scene_blocks.give(block)
         run.writes.append((None, _done(SceneResult(scene_id, "failed", reason=f"{type(e).__name__}: {e}",
                                                    seconds=time.perf_counter() - start))))
         return None
+    placed = {name: a for name, a in arrays.items() if isinstance(a, _Placed)}
+    if block is not None:
+        arrays = {**arrays, **_in_place(block.buf, placed)}
+    if run.scene_blocks is not None:
+        run.scene_bytes = max(run.scene_bytes, _padded_nbytes(arrays.values()))
+    scene = Scene(scene_id, **arrays)
+    with run.projecting():  # the scene's points go once, on the stream that projects them
+        coord = to_device(scene.coord.astype(np.float64), run.device)
+    return _SceneWork(scene, views, coord, torch.zeros(scene.num_points, dtype=torch.int32, device=run.device),
+                      remaining=len(views), skipped=skipped, start=start, scene_block=block, scene_placed=placed)

@@ -281,10 +281,13 @@ def run_extraction(config: PrepConfig, *, out: Path, scene_ids: list[str] | None
         else:
             # one retry per scene; one task per worker at a time, so a worker's death counts only
             # against the scene it was running, not against scenes queued behind it
-            # workers that are not daemons may start the fast path's decoding processes
+            # workers that are not daemons may start the fast path's decoding processes; no
+            # statistical profiler: every 10 ms it walks each thread's stack under the interpreter
+            # lock that the thread feeding the GPU needs
             with dask.config.set({"distributed.scheduler.allowed-failures": 1,
                                   "distributed.scheduler.worker-saturation": 1.0,
-                                  "distributed.worker.daemon": not batched}):
+                                  "distributed.worker.daemon": not batched,
+                                  "distributed.worker.profile.enabled": False}):
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=40)
             client = Client(cluster)

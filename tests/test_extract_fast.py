@@ -154,12 +154,11 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
                                                                    monkeypatch):
     """Batches that span scenes (batch 4, scenes of 2-3 views), decoding and writing in threads or in
     processes (SkippedView, DecodedView and the scene's arrays cross the process boundary; with
-    processes, a window of 4 views, so that the chunks after the first come back through shared
-    blocks): same seen points in the same order, same view counts and skip counts, features with
+    processes, a window of 4 views and one scene loading ahead, so that later chunks and scenes come
+    back through shared blocks and a scene's writing process reads its arrays there): same seen points in the same order, same view counts and skip counts, features with
     cosine >= 0.999. With int8, the batched path hands over codes made on its device, the per-scene
-    path floats. The interpreter's switch interval is the caller's again afterwards."""
+    path floats."""
     import shutil
-    import sys
     from concurrent.futures import ThreadPoolExecutor
 
     from tttkd.pipeline import batched, cache
@@ -173,6 +172,10 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
     outcomes, through_blocks = batched._Chunk.outcomes, []
     monkeypatch.setattr(batched._Chunk, "outcomes", lambda chunk: through_blocks.append(chunk.block is not None)
                         or outcomes(chunk))
+    start_scene, scenes_in_blocks = batched._start_scene, []
+    monkeypatch.setattr(batched, "_start_scene", lambda loading, scene_id, run: scenes_in_blocks.append(
+        loading[0] is not None) or start_scene(loading, scene_id, run))
+    monkeypatch.setattr(batched, "LOADS_AHEAD", 1)
     root = Path(shutil.copytree(synth_root, tmp_path / "data"))
     corrupt_one_image(root)
     ids = ["scene0000_00", "scene0001_00", "scene0002_00", "scene0404_00"]  # the last one does not exist
@@ -192,8 +195,8 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
                                                          window=4 if processes else None)}
     if processes:
         writers.shutdown()
-    assert sys.getswitchinterval() == pytest.approx(0.005)
     assert through_blocks[0] is False and any(through_blocks) == processes  # a block only once sizes are known
+    assert scenes_in_blocks == [False, False, processes, processes]  # the third load is the first after a result
     assert sorted(results) == sorted(ids)
     assert len(encoded) == (3 if codec == "int8" else 0)  # each written scene's codes made by the extracting process
     assert results["scene0404_00"].status == "failed" and "scene0404_00" in results["scene0404_00"].reason
@@ -204,6 +207,8 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
         a, b = FeatureCache(stores["per_scene"]).read(s), FeatureCache(stores["batched"]).read(s)
         np.testing.assert_array_equal(a.seen_index, b.seen_index)
         np.testing.assert_array_equal(a.view_count, b.view_count)
+        for name in ("coord", "color", "normal", "label"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(a.feature.astype(np.float32)),
                                                        torch.from_numpy(b.feature.astype(np.float32)), dim=1)
         assert cosine.min() >= 0.999, (s, float(cosine.min()))

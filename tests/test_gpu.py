@@ -184,8 +184,8 @@ def test_one_scene_extracted_on_cuda_matches_cpu(tmp_path, codec):
 def test_many_scenes_through_the_cuda_stream_match_the_per_scene_path(tmp_path, monkeypatch):
     """The fast path's CUDA ordering under load: five scenes of 6 views in batches of 4 (batches span
     scenes), projections on their own stream while up to LEAD_BATCHES teacher batches are queued,
-    decoded views back through shared blocks (a window of 8 views: every chunk after the first three), writes in
-    processes. Each scene as the per-scene CPU path extracts it: the same seen points and view counts,
+    decoded views and scenes (one loading ahead) back through shared blocks (a window of 8 views:
+    every chunk after the first three), writes in processes that read the scene from its block. Each scene as the per-scene CPU path extracts it: the same seen points and view counts,
     features with cosine >= 0.99. A tensor of one stream freed while the other still reads it, a
     block reused before its views were copied, or a missed wait between the streams shows here."""
     from tttkd.pipeline import batched, cache
@@ -204,6 +204,10 @@ def test_many_scenes_through_the_cuda_stream_match_the_per_scene_path(tmp_path, 
     outcomes, through_blocks = batched._Chunk.outcomes, []
     monkeypatch.setattr(batched._Chunk, "outcomes", lambda chunk: through_blocks.append(chunk.block is not None)
                         or outcomes(chunk))
+    start_scene, scenes_in_blocks = batched._start_scene, []
+    monkeypatch.setattr(batched, "_start_scene", lambda loading, scene_id, run: scenes_in_blocks.append(
+        loading[0] is not None) or start_scene(loading, scene_id, run))
+    monkeypatch.setattr(batched, "LOADS_AHEAD", 1)
     stores = {}
     for path in ("cpu", "cuda"):
         stores[path] = tmp_path / f"{path}.zarr"
@@ -218,11 +222,13 @@ def test_many_scenes_through_the_cuda_stream_match_the_per_scene_path(tmp_path, 
                                               split=None, pool=pool, writers=writers, window=8))
     assert [r.status for r in results] == ["done"] * len(ids), [r.reason for r in results]
     assert not any(through_blocks[:3]) and all(through_blocks[3:]), through_blocks  # 3 chunks before a result
+    assert scenes_in_blocks == [False, False, True, True, True]  # scenes after the first result, written from there
     for scene_id in ids:
         cpu, cuda = cache.FeatureCache(stores["cpu"]).read(scene_id), cache.FeatureCache(stores["cuda"]).read(scene_id)
         assert np.array_equal(np.sort(cpu.seen_index), np.sort(cuda.seen_index)), scene_id
         order_cpu, order_cuda = np.argsort(cpu.seen_index), np.argsort(cuda.seen_index)
         assert np.array_equal(cpu.view_count[order_cpu], cuda.view_count[order_cuda]), scene_id
+        assert np.array_equal(cpu.coord, cuda.coord) and np.array_equal(cpu.label, cuda.label), scene_id
         cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(cpu.feature[order_cpu].astype(np.float32)),
                                                        torch.from_numpy(cuda.feature[order_cuda].astype(np.float32)))
         assert cosine.min() >= 0.99, (scene_id, float(cosine.min()))
