@@ -127,9 +127,15 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
         device = _worker_device(device, gpus)
         if torch.device(device).index is not None:
             torch.cuda.set_device(torch.device(device))  # so side streams and pinned memory use that GPU
-        teacher = _teacher_on_worker(config.teacher, weights, device, 1)
+        started = []
         if not _worker_pools:  # for the worker's life: starting processes costs seconds
             _worker_pools.update(decode=process_pool(decoders), write=process_pool(max(1, decoders // 2)))
+            # a first task starts the pools' forkserver, which imports torch (1.3 s on a 2-core CPU, where
+            # it was the job's whole extra time against the bench): now, beside the teacher's load
+            started = [pool.submit(os.getpid) for pool in _worker_pools.values()]
+        teacher = _teacher_on_worker(config.teacher, weights, device, 1)
+        for future in started:
+            future.result()
         if device not in _worker_blocks:  # page-locked once, then reused by every group of this worker
             _worker_blocks[device] = blocks = SharedBlocks(pin=torch.device(device).type == "cuda")
             atexit.register(blocks.close)

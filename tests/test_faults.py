@@ -292,10 +292,19 @@ def test_two_extract_commands_share_one_store(root, tmp_path):
 
 
 class _Pool:
-    """Stands in for a worker's process pool: records its shutdown."""
+    """Stands in for a worker's process pool: records the tasks it ran and its shutdown."""
 
     def __init__(self):
         self.shutdown_with = None
+        self.ran = []
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        self.ran.append(fn)
+        done = Future()
+        done.set_result(fn(*args))
+        return done
 
     def shutdown(self, **kwargs):
         self.shutdown_with = kwargs
@@ -305,7 +314,8 @@ class _Pool:
 def test_a_group_failing_midway_keeps_its_written_scenes_and_drops_broken_pools(tmp_path, monkeypatch, error):
     """The fast path's group task: a failure after one scene was written fails only the scenes not yet
     yielded; a dead decoding/writing process (BrokenProcessPool) also drops the worker's cached pools,
-    so the worker's next group starts new ones instead of failing at once."""
+    so the worker's next group starts new ones instead of failing at once. New pools run a first task
+    during the set-up, before the teacher is loaded (it starts their processes); kept ones do not."""
     from concurrent.futures.process import BrokenProcessPool
 
     from tttkd.pipeline import batched, job
@@ -313,13 +323,14 @@ def test_a_group_failing_midway_keeps_its_written_scenes_and_drops_broken_pools(
 
     made: list[_Pool] = []
     monkeypatch.setattr(job, "_worker_pools", {})
-    monkeypatch.setattr(job, "_teacher_on_worker", lambda *a: None)
+    monkeypatch.setattr(job, "_teacher_on_worker", lambda *a: [p.ran[:] for p in made[-2:]])
     monkeypatch.setattr(job, "make_reader", lambda *a: None)
     monkeypatch.setattr(batched, "process_pool", lambda n: made.append(_Pool()) or made[-1])
     fail = {"RuntimeError": RuntimeError("teacher blew up"), "BrokenProcessPool": BrokenProcessPool("child died")}
 
-    def extract_scenes(reader, scene_ids, *, pool, writers, store, **kwargs):
+    def extract_scenes(reader, scene_ids, *, pool, writers, store, teacher, **kwargs):
         assert (pool, writers) == (job._worker_pools["decode"], job._worker_pools["write"])
+        assert teacher == [[os.getpid], [os.getpid]] and pool.ran == writers.ran == [os.getpid]  # no more later
         yield SceneResult(scene_ids[0], "done", num_views=2)
         if scene_ids[0] == IDS[0]:
             # a writer completed the second scene, but the failure came before it was yielded
