@@ -63,6 +63,9 @@ which must take the interpreter lock from the thread feeding the GPU."""
 LOADS_AHEAD = 8
 """Scenes loading in the pool ahead of the one whose views are being handed out (a load waits
 behind up to `window` views of decoding in the pool's queue)."""
+WRITE_THREADS = 4
+"""Scenes handed to the writing processes at once (each held on the GPU until copied out; twice as
+many may wait for a thread). With fp16 and int8 the feeding thread waits for them (9th session)."""
 LEAD_BATCHES = 2
 """Teacher batches queued on the GPU ahead of the one being prepared: enough to keep it busy, few
 enough that the host cannot run ahead with pinned buffers and scene accumulators."""
@@ -297,7 +300,7 @@ class _Run:
         # ViT-L scene is the cost): these threads wait for the copies to the host, then write here
         # or hand the arrays to a pool of writing processes (`process_pool`)
         self.write_processes = writers if isinstance(writers, Executor) else None
-        threads = 4 if self.write_processes else writers
+        threads = WRITE_THREADS if self.write_processes else writers
         self.writer = ThreadPoolExecutor(threads, initializer=thread_on(self.device))
         self.write = write
         self.timings = {"load": 0.0, "decode": 0.0, "batches": 0.0, "finish": 0.0, "drain": 0.0, "other": 0.0}
