@@ -593,15 +593,16 @@ class SharedBlocks:
         if not _shm_room(nbytes):
             return None
         block = SharedMemory(create=True, size=nbytes + nbytes // 4)  # room for a somewhat larger scene later
+        with self.lock:
+            self.made[block.name] = block  # first: `close` releases it whatever happens next
         view = torch.frombuffer(block.buf, dtype=torch.uint8)
+        with self.lock:
+            self.views[block.name] = view
         if self.pin:
             if _page_lock(view):
                 self.pinned.add(block.name)
             else:
                 self.pin = False  # warned once; the copies still work, through pageable memory
-        with self.lock:
-            self.views[block.name] = view
-            self.made[block.name] = block
         return block
 
     def bytes(self, block: SharedMemory) -> torch.Tensor:
@@ -611,22 +612,28 @@ class SharedBlocks:
         with self.lock:
             self.free.append(block)
 
-    def close(self) -> None:
-        """Unlinks every block, also those not given back (a run that ended early); call once no
-        process is using them."""
+    def close(self, *, taken: bool = True) -> None:
+        """Unlinks every block, also those not given back (a run that ended early), once nothing
+        reads or writes them: arrays made on a block (`np.ndarray(buffer=...)`) do not keep it
+        mapped, so reading one after its block is released is a segfault. With `taken=False`, only
+        the free blocks (a job ending while some task may still be using the others: those go when
+        the resource tracker stops)."""
         with self.lock:
-            for block in list(self.made.values()):
+            for block in list(self.made.values()) if taken else list(self.free):
                 self._release(block)
             self.free.clear()
 
     def _release(self, block: SharedMemory) -> None:
         del self.made[block.name]
-        view = self.views.pop(block.name)
-        if block.name in self.pinned:
+        view = self.views.pop(block.name, None)
+        if view is not None and block.name in self.pinned:
             self.pinned.discard(block.name)
             torch.cuda.cudart().cudaHostUnregister(view.data_ptr())
-        del view  # the buffer export: a block cannot close while a tensor holds it
-        block.unlink()  # first: the name goes from /dev/shm even if a lingering export keeps the mapping
+        del view  # torch.frombuffer's export: the block cannot close while the tensor holds it
+        try:
+            block.unlink()  # first: the name goes from /dev/shm even if a lingering export keeps the mapping
+        except FileNotFoundError:  # already gone (unlinked by the resource tracker)
+            pass
         try:
             block.close()
         except BufferError:  # still exported somewhere: the mapping goes when that does
@@ -793,8 +800,8 @@ def extract_scenes(reader: DatasetReader, scene_ids: list[str], *, teacher: Teac
         if timings is not None:
             timings.update(run.timings)
     finally:
-        for _, (_, future) in loads:
-            future.cancel()
+        for future in [f for _, (_, f) in loads] + [chunk.future for chunk in decoding]:
+            future.cancel()  # a run that ended early leaves no work in a pool the caller keeps
         run.writer.shutdown(wait=True)
         if run.own_blocks:
             run.blocks.close()

@@ -184,7 +184,7 @@ def _release_worker_state() -> None:
     for device, blocks in _worker_blocks.items():
         on_gpu = torch.device(device).type == "cuda"
         with torch.cuda.device(torch.device(device)) if on_gpu else nullcontext():
-            blocks.close()
+            blocks.close(taken=False)  # a task may still be copying into the others (a job that ended early)
     _worker_blocks.clear()
 
 

@@ -347,7 +347,8 @@ def test_the_batched_path_fails_a_scene_no_view_sees_with_one_line(synth_root, t
 @pytest.mark.skipif(not _shared_memory_room(), reason="/dev/shm missing or under 1 GiB free")
 def test_shared_blocks_are_reused_replaced_when_too_small_and_unlinked_at_close():
     """A scene's block goes back to the pool after its write and carries a later scene that fits; a
-    larger scene replaces the largest free block instead of growing the pool; close unlinks them all."""
+    larger scene replaces the largest free block instead of growing the pool; close unlinks them all,
+    also one never given back, and `close(taken=False)` only the free ones."""
     import os
 
     from tttkd.pipeline.batched import SharedBlocks
@@ -367,8 +368,12 @@ def test_shared_blocks_are_reused_replaced_when_too_small_and_unlinked_at_close(
         "the largest free block (the first) was released for the larger scene"
     assert [b.name for b in blocks.free] == [other.name]
     blocks.give(larger)
+    taken = blocks.take(100)  # `other`, never given back (a run that ended early)
+    blocks.close(taken=False)  # a job's end while a task may still use its block: only the free ones
+    assert larger.name not in os.listdir("/dev/shm") and taken.name in os.listdir("/dev/shm")
     blocks.close()
     assert {other.name, larger.name} & set(os.listdir("/dev/shm")) == set() and not blocks.free and not blocks.views
+    assert blocks.made == {}
 
 
 @pytest.mark.skipif(not _shared_memory_room(), reason="/dev/shm missing or under 1 GiB free")
