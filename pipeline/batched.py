@@ -312,12 +312,11 @@ class _Run:
         self.basis = None if basis is None else to_device(basis, self.device)
         self.own_blocks = blocks is None  # else the caller's, kept across calls (a Dask worker's)
         self.blocks = SharedBlocks(pin=self.device.type == "cuda") if blocks is None else blocks
-        # decoded pixels come back through these (`decode_chunk`), sized from the first results; a
-        # thread pool (in a daemonic Dask worker) hands its arrays over as they are
-        self.decode_blocks = SharedBlocks(pin=False) if isinstance(pool, ProcessPoolExecutor) else None
-        self.chunk_bytes = 0
-        self.scene_blocks = SharedBlocks(pin=False) if isinstance(pool, ProcessPoolExecutor) else None
-        self.scene_bytes = 0
+        # decoded pixels and loaded scenes come back through these (`decode_chunk`, `load_scene`),
+        # sized from the first results; a thread pool (in a daemonic Dask worker) hands its arrays over
+        shared = isinstance(pool, ProcessPoolExecutor)
+        self.decode_blocks, self.chunk_bytes = (SharedBlocks(pin=False) if shared else None), 0
+        self.scene_blocks, self.scene_bytes = (SharedBlocks(pin=False) if shared else None), 0
         # projection on a stream of its own, high priority: its host sync waits for it alone
         cuda = self.device.type == "cuda"
         self.project_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None

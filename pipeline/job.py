@@ -155,8 +155,8 @@ def _scenes_task(scene_ids: list[str], *, config: PrepConfig, weights: Path, dev
         results += [written_or_failed(store, s, f"scene {s}: {reason}", seconds=time.perf_counter() - start)
                     for s in scene_ids if s not in yielded]
     worker = _this_worker()
-    return GroupOutcome(results, worker="local" if worker is None else str(worker.name), device=str(device), setup_s=setup_s, began=began,
-                        ended=time.time(), waits=waits)
+    return GroupOutcome(results, worker="local" if worker is None else str(worker.name), device=str(device),
+                        setup_s=setup_s, began=began, ended=time.time(), waits=waits)
 
 
 def written_or_failed(store: Path, scene_id: str, reason: str, *, seconds: float = 0.0) -> SceneResult:

@@ -23,6 +23,25 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def shared_block_use(monkeypatch):
+    """For the fast path (`batched.extract_scenes`): whether each decoding task's views (`chunks`) and
+    each scene (`scenes`) came back through a shared block, in order. Scenes load one ahead, so that
+    those after the first results do."""
+    from types import SimpleNamespace
+
+    from tttkd.pipeline import batched
+
+    use = SimpleNamespace(chunks=[], scenes=[])
+    outcomes, start_scene = batched._Chunk.outcomes, batched._start_scene
+    monkeypatch.setattr(batched._Chunk, "outcomes", lambda chunk: use.chunks.append(chunk.block is not None)
+                        or outcomes(chunk))
+    monkeypatch.setattr(batched, "_start_scene", lambda loading, scene_id, run: use.scenes.append(
+        loading[0] is not None) or start_scene(loading, scene_id, run))
+    monkeypatch.setattr(batched, "LOADS_AHEAD", 1)
+    return use
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 

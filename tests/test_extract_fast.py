@@ -151,7 +151,7 @@ def corrupt_one_image(root):
 
 @pytest.mark.parametrize("processes, codec", [(False, "fp16"), (True, "fp16"), (False, "int8"), (True, "int8")])
 def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, tmp_path, processes, codec,
-                                                                   monkeypatch):
+                                                                   monkeypatch, shared_block_use):
     """Batches that span scenes (batch 4, scenes of 2-3 views), decoding and writing in threads or in
     processes (SkippedView, DecodedView and the scene's arrays cross the process boundary; with
     processes, a window of 4 views and one scene loading ahead, so that later chunks and scenes come
@@ -169,13 +169,6 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
 
     original, encoded = batched.int8_codes, []
     monkeypatch.setattr(batched, "int8_codes", lambda feature: encoded.append(len(feature)) or original(feature))
-    outcomes, through_blocks = batched._Chunk.outcomes, []
-    monkeypatch.setattr(batched._Chunk, "outcomes", lambda chunk: through_blocks.append(chunk.block is not None)
-                        or outcomes(chunk))
-    start_scene, scenes_in_blocks = batched._start_scene, []
-    monkeypatch.setattr(batched, "_start_scene", lambda loading, scene_id, run: scenes_in_blocks.append(
-        loading[0] is not None) or start_scene(loading, scene_id, run))
-    monkeypatch.setattr(batched, "LOADS_AHEAD", 1)
     root = Path(shutil.copytree(synth_root, tmp_path / "data"))
     corrupt_one_image(root)
     ids = ["scene0000_00", "scene0001_00", "scene0002_00", "scene0404_00"]  # the last one does not exist
@@ -195,8 +188,9 @@ def test_cross_scene_batches_write_the_cache_of_the_per_scene_path(synth_root, t
                                                          window=4 if processes else None)}
     if processes:
         writers.shutdown()
-    assert through_blocks[0] is False and any(through_blocks) == processes  # a block only once sizes are known
-    assert scenes_in_blocks == [False, False, processes, processes]  # the third load is the first after a result
+    use = shared_block_use
+    assert use.chunks[0] is False and any(use.chunks) == processes  # a block only once sizes are known
+    assert use.scenes == [False, False, processes, processes]  # the third load is the first after a result
     assert sorted(results) == sorted(ids)
     assert len(encoded) == (3 if codec == "int8" else 0)  # each written scene's codes made by the extracting process
     assert results["scene0404_00"].status == "failed" and "scene0404_00" in results["scene0404_00"].reason

@@ -181,7 +181,7 @@ def test_one_scene_extracted_on_cuda_matches_cpu(tmp_path, codec):
     assert np.array_equal(cpu.view_count[order_cpu], cuda.view_count[order_cuda])
 
 
-def test_many_scenes_through_the_cuda_stream_match_the_per_scene_path(tmp_path, monkeypatch):
+def test_many_scenes_through_the_cuda_stream_match_the_per_scene_path(tmp_path, shared_block_use):
     """The fast path's CUDA ordering under load: five scenes of 6 views in batches of 4 (batches span
     scenes), projections on their own stream while up to LEAD_BATCHES teacher batches are queued,
     decoded views and scenes (one loading ahead) back through shared blocks (a window of 8 views:
@@ -201,13 +201,6 @@ def test_many_scenes_through_the_cuda_stream_match_the_per_scene_path(tmp_path, 
     config = PrepConfig(dataset="scannet", root=tmp_path / "data", teacher="dinov2_vits14", weights=weights,
                         batch_size=4)
     reader = ScanNetReader(tmp_path / "data")
-    outcomes, through_blocks = batched._Chunk.outcomes, []
-    monkeypatch.setattr(batched._Chunk, "outcomes", lambda chunk: through_blocks.append(chunk.block is not None)
-                        or outcomes(chunk))
-    start_scene, scenes_in_blocks = batched._start_scene, []
-    monkeypatch.setattr(batched, "_start_scene", lambda loading, scene_id, run: scenes_in_blocks.append(
-        loading[0] is not None) or start_scene(loading, scene_id, run))
-    monkeypatch.setattr(batched, "LOADS_AHEAD", 1)
     stores = {}
     for path in ("cpu", "cuda"):
         stores[path] = tmp_path / f"{path}.zarr"
@@ -221,8 +214,9 @@ def test_many_scenes_through_the_cuda_stream_match_the_per_scene_path(tmp_path, 
         results = list(batched.extract_scenes(reader, ids, teacher=teacher, config=config, store=stores["cuda"],
                                               split=None, pool=pool, writers=writers, window=8))
     assert [r.status for r in results] == ["done"] * len(ids), [r.reason for r in results]
-    assert not any(through_blocks[:3]) and all(through_blocks[3:]), through_blocks  # 3 chunks before a result
-    assert scenes_in_blocks == [False, False, True, True, True]  # scenes after the first result, written from there
+    use = shared_block_use
+    assert not any(use.chunks[:3]) and all(use.chunks[3:]), use.chunks  # 3 chunks before a result
+    assert use.scenes == [False, False, True, True, True]  # scenes after the first result, written from there
     for scene_id in ids:
         cpu, cuda = cache.FeatureCache(stores["cpu"]).read(scene_id), cache.FeatureCache(stores["cuda"]).read(scene_id)
         assert np.array_equal(np.sort(cpu.seen_index), np.sort(cuda.seen_index)), scene_id
