@@ -63,9 +63,10 @@ which must take the interpreter lock from the thread feeding the GPU."""
 LOADS_AHEAD = 8
 """Scenes loading in the pool ahead of the one whose views are being handed out (a load waits
 behind up to `window` views of decoding in the pool's queue)."""
-WRITE_THREADS = 4
-"""Scenes handed to the writing processes at once (each held on the GPU until copied out; twice as
-many may wait for a thread). With fp16 and int8 the feeding thread waits for them (9th session)."""
+WRITE_THREADS = 16
+"""At most this many scenes handed to the writing processes at once: one a process (each scene is
+held on the GPU until copied out, and as many again may wait for a thread with their accumulators).
+With 4 threads for 16 processes the feeding thread waited 2.5 s of 6.6 for writers (int8, an H200)."""
 LEAD_BATCHES = 2
 """Teacher batches queued on the GPU ahead of the one being prepared: enough to keep it busy, few
 enough that the host cannot run ahead with pinned buffers and scene accumulators."""
@@ -300,7 +301,9 @@ class _Run:
         # ViT-L scene is the cost): these threads wait for the copies to the host, then write here
         # or hand the arrays to a pool of writing processes (`process_pool`)
         self.write_processes = writers if isinstance(writers, Executor) else None
-        threads = WRITE_THREADS if self.write_processes else writers
+        # a thread per writing process keeps each busy; `_max_workers` is what both of
+        # concurrent.futures' executors were given
+        threads = min(getattr(writers, "_max_workers", 4), WRITE_THREADS) if self.write_processes else writers
         self.writer = ThreadPoolExecutor(threads, initializer=thread_on(self.device))
         self.write = write
         self.timings = {"load": 0.0, "decode": 0.0, "batches": 0.0, "finish": 0.0, "drain": 0.0, "other": 0.0}

@@ -426,6 +426,43 @@ def test_no_write_differs_from_a_run_only_by_the_write(synth_root, tmp_path):
     assert cache.complete_scene_ids(store) == set() and not (store / "scenes" / "scene0000_00").exists()
 
 
+@pytest.mark.parametrize("processes, cap, at_once", [(6, 16, 6), (6, 3, 3)])
+def test_every_writing_process_gets_a_scene_at_once_up_to_the_cap(synth_root, tmp_path, monkeypatch, processes, cap,
+                                                                  at_once):
+    """One writer thread a writing process, at most WRITE_THREADS: with 4 threads for 16 processes
+    the feeding thread waited for writers while 12 processes idled (9th session, an H200)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tttkd.pipeline import batched, cache
+    from tttkd.pipeline.extract import PrepConfig
+    from tttkd.pipeline.scannet import ScanNetReader
+    from tttkd.pipeline.teacher import load_teacher
+
+    monkeypatch.setattr(batched, "WRITE_THREADS", cap)
+    gate, lock, writing, most = threading.Barrier(at_once, timeout=60), threading.Lock(), [0], [0]
+
+    def write(*args, **kwargs):  # a write that returns only once `at_once` scenes are being written together
+        with lock:
+            writing[0] += 1
+            most[0] = max(most[0], writing[0])
+        gate.wait()  # BrokenBarrierError, and a failed scene, if fewer writer threads than `at_once`
+        with lock:
+            writing[0] -= 1
+
+    monkeypatch.setattr(batched, "_write_shared", write)
+    monkeypatch.setattr(cache, "write_scene", write)  # where /dev/shm is too small for a block
+    store = tmp_path / "c.zarr"
+    cache.open_for_writing(store, {"teacher": "efficientnet_lite0"})
+    config = PrepConfig(dataset="scannet", root=synth_root, teacher="efficientnet_lite0", batch_size=4)
+    ids = ["scene0000_00", "scene0001_00", "scene0002_00"] * 2  # the writes are fake: a scene may come twice
+    with ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(processes) as writers:
+        results = list(batched.extract_scenes(ScanNetReader(synth_root), ids, teacher=load_teacher(
+            "efficientnet_lite0", device="cpu"), config=config, store=store, split="x", pool=pool, writers=writers))
+    assert [r.status for r in results] == ["done"] * 6, [r.reason for r in results]
+    assert most[0] == at_once
+
+
 def test_writer_threads_go_to_the_runs_gpu_also_when_it_is_named_without_an_index(monkeypatch):
     # "cuda" alone is the current device: set_device needs its index (it refuses a bare "cuda")
     from tttkd.pipeline.batched import thread_on
