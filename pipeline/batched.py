@@ -163,6 +163,11 @@ class _Placed:
     dtype: str
 
 
+def _aligned(nbytes: int) -> int:
+    """An array's room in a shared block: every array starts 64-byte aligned."""
+    return -(-nbytes // 64) * 64
+
+
 def _place(arrays: dict[str, np.ndarray | None], block: SharedMemory | None, offset: int
            ) -> tuple[dict[str, _Placed], int]:
     """Copy each array that fits into `block` from `offset` on: name -> where it lies, and the next offset."""
@@ -172,7 +177,7 @@ def _place(arrays: dict[str, np.ndarray | None], block: SharedMemory | None, off
             continue  # no room: this one goes through the pipe
         np.copyto(np.ndarray(array.shape, array.dtype, buffer=block.buf, offset=offset), array)
         placed[name] = _Placed(offset, array.shape, array.dtype.str)
-        offset += -(-array.nbytes // 64) * 64
+        offset += _aligned(array.nbytes)
     return placed, offset
 
 
@@ -182,7 +187,7 @@ def _in_place(buffer, placed: dict[str, _Placed]) -> dict[str, np.ndarray]:
 
 
 def _padded_nbytes(arrays) -> int:
-    return sum(-(-a.nbytes // 64) * 64 for a in arrays if isinstance(a, np.ndarray))
+    return sum(_aligned(a.nbytes) for a in arrays if isinstance(a, np.ndarray))
 
 
 def decode_chunk(views: list[View], *, image_scale: float, fit, block_name: str | None = None
@@ -296,6 +301,7 @@ class _Run:
                  writers: int | Executor, write: bool, blocks: SharedBlocks | None):
         self.teacher, self.config, self.store, self.split, self.pool = teacher, config, store, split, pool
         self.device = teacher.device
+        cuda = self.device.type == "cuda"
         self.buffers: dict[tuple, list] = {}  # image shape -> [(work, decoded)] waiting for a batch
         # zarr writes behind the GPU, several scenes at once (zstd of ~130 MB of features a 150k-point
         # ViT-L scene is the cost): these threads wait for the copies to the host, then write here
@@ -309,19 +315,18 @@ class _Run:
         self.timings = {"load": 0.0, "decode": 0.0, "batches": 0.0, "finish": 0.0, "drain": 0.0, "other": 0.0}
         self.writes: deque[tuple[_SceneWork, Future]] = deque()
         self.max_pending = 2 * threads  # scenes handed to the writers and not yet written
-        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         # pca-int8 (a store that has its basis): scenes are projected and encoded on the device
         basis = cache.FeatureCache(store).basis if config.feature_codec == "pca-int8" else None
         self.basis = None if basis is None else to_device(basis, self.device)
         self.own_blocks = blocks is None  # else the caller's, kept across calls (a Dask worker's)
-        self.blocks = SharedBlocks(pin=self.device.type == "cuda") if blocks is None else blocks
+        self.blocks = SharedBlocks(pin=cuda) if blocks is None else blocks
         # decoded pixels and loaded scenes come back through these (`decode_chunk`, `load_scene`),
         # sized from the first results; a thread pool (in a daemonic Dask worker) hands its arrays over
         shared = isinstance(pool, ProcessPoolExecutor)
         self.decode_blocks, self.chunk_bytes = (SharedBlocks(pin=False) if shared else None), 0
         self.scene_blocks, self.scene_bytes = (SharedBlocks(pin=False) if shared else None), 0
         # projection on a stream of its own, high priority: its host sync waits for it alone
-        cuda = self.device.type == "cuda"
         self.project_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         self.queued: deque[torch.cuda.Event] = deque()  # the teacher batches on the GPU, oldest first
 
@@ -552,7 +557,7 @@ def _layout(arrays: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[int, tuple
     layout, offset = {}, 0
     for name, tensor in arrays.items():
         layout[name] = (offset, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
-        offset += -(-tensor.numel() * tensor.element_size() // 64) * 64  # each array 64-byte aligned
+        offset += _aligned(tensor.numel() * tensor.element_size())
     return layout, max(offset, 64)
 
 
